@@ -1,0 +1,24 @@
+"""pock_hf: PockEngine-style sparse fine-tuning for Hugging Face Llama-family models.
+
+Measure which layers and channels matter, update only those, and run no backward below the deepest updated layer.
+"""
+
+from peft import PeftModel, get_peft_model
+from torch import nn
+
+from .tuner import PockConfig, PockModel, UpdatedModule
+
+__all__ = ["PockConfig", "PockModel", "UpdatedModule", "get_pock_model"]
+
+
+def get_pock_model(model: nn.Module, config: PockConfig, adapter_name: str = "default") -> PeftModel:
+    """Wrap `model` with a Pock adapter: freeze every parameter, replace each scheme module with a channel-sparse
+    layer, and install the depth cut. Returns a `PeftModel` exposing `cut_layer` and `updated_modules`.
+
+    Raises:
+        ValueError: a scheme entry is not a linear module of `model`, its ratio is outside (0, 1], or the config's
+            base-model fingerprint belongs to another model.
+    """
+    if config.task_type is None and hasattr(model, "generate"):
+        config.task_type = "CAUSAL_LM"  # PeftModelForCausalLM: generate() and Trainer work as with LoRA
+    return get_peft_model(model, config, adapter_name=adapter_name)

@@ -1,0 +1,138 @@
+"""The depth cut: no autograd state and no backward below the deepest decoder layer that trains.
+
+Every decoder layer gets a thin forward wrapper that reads a shared `DepthCut` at call time:
+
+- layers below the cut run under `torch.no_grad()`: they record nothing for backward, and transformers' activation
+  checkpointing (which only acts when grad is enabled) never wraps them;
+- the cut layer's incoming hidden state is detached, so the input gradients that `enable_input_require_grads()`
+  forces (PEFT, `Trainer(gradient_checkpointing=True)`) stop there instead of running through the whole model;
+- with *reentrant* checkpointing, the cut layer itself runs un-checkpointed: a reentrant checkpoint whose inputs do
+  not require grad hands its parameters no gradient (the silent failure users report), and the cut layer's input is
+  detached by design. Non-reentrant checkpointing has no such limit and wraps the cut layer too.
+
+Reading the cut at call time (rather than baking it into the wrappers) keeps it right when the set of trainable
+parameters changes after wrapping (modules_to_save, a second adapter, `set_adapter`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import re
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+
+@dataclass
+class DepthCut:
+    """Where backward stops. `layer` is the index of the deepest (lowest) decoder layer holding a trainable
+    parameter, `num_layers` when none does; `detach_input` is False when something below the decoder stack (e.g. the
+    input embeddings) trains and so backward must reach below the first layer."""
+
+    layer: int
+    detach_input: bool = True
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder stack of a Llama-family model: the first `ModuleList` named `layers`, and its qualified name."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.rpartition(".")[2] == "layers" and len(module) > 0:
+            return name, module
+    raise ValueError(
+        f"{type(model).__name__} has no decoder stack (a ModuleList named 'layers'); Pock supports Llama-family models."
+    )
+
+
+def layer_index_of(name: str, layers_name: str) -> int | None:
+    """Decoder-layer index of a module or parameter name (`<layers_name>.<i>.…`), None if outside the stack."""
+    match = re.match(rf"^{re.escape(layers_name)}\.(\d+)(\.|$)", name)
+    return int(match.group(1)) if match else None
+
+
+def compute_cut(named_parameters: Iterable[tuple[str, nn.Parameter]], layers_name: str, num_layers: int) -> DepthCut:
+    """The cut implied by which parameters train, given in module registration order (`model.named_parameters()`).
+
+    A trainable parameter inside the stack sets the cut layer. One registered before the stack (the input
+    embeddings) needs gradients from below the first layer; one after it (final norm, LM head) needs none.
+    """
+    cut = DepthCut(layer=num_layers)
+    seen_stack = False
+    for name, parameter in named_parameters:
+        index = layer_index_of(name, layers_name)
+        seen_stack = seen_stack or index is not None
+        if not parameter.requires_grad:
+            continue
+        if index is not None:
+            cut.layer = min(cut.layer, index)
+        elif not seen_stack:
+            cut.layer, cut.detach_input = 0, False
+    return cut
+
+
+def install_depth_cut(layers: nn.ModuleList, cut: DepthCut) -> None:
+    """Wrap each decoder layer's forward so that it obeys `cut` (read at call time). Idempotent."""
+    for index, layer in enumerate(layers):
+        remove_depth_cut_from(layer)
+        layer._pock_original_forward = layer.__dict__.get("forward")
+        layer.forward = _cut_forward(layer, layer.forward, index, cut)
+
+
+def remove_depth_cut(layers: nn.ModuleList) -> None:
+    """Restore every layer's own forward."""
+    for layer in layers:
+        remove_depth_cut_from(layer)
+
+
+def remove_depth_cut_from(layer: nn.Module) -> None:
+    if "_pock_original_forward" not in layer.__dict__:
+        return
+    original = layer.__dict__.pop("_pock_original_forward")
+    # an instance-level forward that was there before (e.g. accelerate's device hooks) is put back
+    if original is None:
+        del layer.forward
+    else:
+        layer.forward = original
+
+
+def _cut_forward(layer: nn.Module, forward, index: int, cut: DepthCut):
+    @functools.wraps(forward)
+    def forward_with_cut(*args, **kwargs):
+        if index < cut.layer:
+            with torch.no_grad():
+                return forward(*args, **kwargs)
+        if index == cut.layer and cut.detach_input:
+            args, kwargs = _detach_hidden_states(args, kwargs)
+            if _checkpoints_reentrant(layer):
+                with _checkpointing_disabled(layer):
+                    return forward(*args, **kwargs)
+        return forward(*args, **kwargs)
+
+    return forward_with_cut
+
+
+def _detach_hidden_states(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    if args:
+        return (args[0].detach(), *args[1:]), kwargs
+    if "hidden_states" in kwargs:
+        return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach()}
+    raise TypeError("Decoder layer called without hidden states; cannot apply the Pock depth cut.")
+
+
+def _checkpoints_reentrant(layer: nn.Module) -> bool:
+    if not (getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled()):
+        return False
+    func = getattr(layer, "_gradient_checkpointing_func", None)
+    # transformers binds the checkpoint kwargs with functools.partial; torch's own default is reentrant
+    return bool(getattr(func, "keywords", {}).get("use_reentrant", True))
+
+
+@contextlib.contextmanager
+def _checkpointing_disabled(layer: nn.Module) -> Iterator[None]:
+    layer.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        layer.gradient_checkpointing = True

@@ -1,0 +1,139 @@
+"""`PockConfig`: which linear modules to update, how many of their channels, and how to choose them."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+from .peft_type import POCK_PEFT_TYPE
+
+CHANNEL_AXES = ("out", "in")
+CHANNEL_SELECTIONS = ("first", "magnitude")
+
+
+def load_scheme_file(path: Union[str, os.PathLike]) -> dict[str, float]:
+    """Read a scheme JSON file: either `{module: ratio}` or `{"scheme": {module: ratio}, ...metadata}`.
+
+    The second shape is what the planner writes (it adds predicted gain and cost beside the scheme).
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"Scheme file {os.fspath(path)!r} does not exist.") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"Scheme file {os.fspath(path)!r} is not valid JSON: {err}") from None
+    if isinstance(data, dict) and isinstance(data.get("scheme"), dict):
+        data = data["scheme"]
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"Scheme file {os.fspath(path)!r} must hold an object mapping module names to channel ratios, "
+            f"got {type(data).__name__}."
+        )
+    return data
+
+
+def validate_scheme(scheme: dict) -> dict[str, float]:
+    """Check names and ratios of a scheme; returns it with float ratios. Raises `ValueError` naming the entry."""
+    if not scheme:
+        raise ValueError(
+            "The Pock scheme is empty: give at least one linear module name and its channel ratio in (0, 1], "
+            "e.g. {'model.layers.27.mlp.up_proj': 0.25}."
+        )
+    checked = {}
+    for name, ratio in scheme.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"Scheme entry {name!r}: module names must be non-empty strings.")
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio):
+            raise ValueError(f"Scheme entry {name!r}: ratio {ratio!r} is not a number; valid ratios are in (0, 1].")
+        if not 0 < ratio <= 1:
+            raise ValueError(f"Scheme entry {name!r}: ratio {ratio!r} is outside (0, 1].")
+        checked[name] = float(ratio)
+    return checked
+
+
+@dataclass
+class PockConfig(PeftConfig):
+    """Configuration of a Pock (sparse channel update) adapter.
+
+    Args:
+        scheme (`dict[str, float]` or `str`):
+            Full module names of linear layers (e.g. `model.layers.27.mlp.up_proj`) mapped to the ratio of their
+            channels to update, in (0, 1]; or a path to a scheme JSON file (read once, at construction).
+        channel_axis (`"out"` or `"in"`):
+            `"out"` updates whole rows of the weight (output channels); `"in"` updates columns (input channels),
+            which also saves only the selected slice of the input activation for backward.
+        channel_selection (`"first"` or `"magnitude"`):
+            How channels are chosen when `channel_indices` does not name them: the first k, or the k with the largest
+            L2 norm of the frozen weight along that axis. The chosen indices are stored in the adapter either way.
+        channel_indices (`dict[str, list[int]]`, optional):
+            Explicit channel indices per module (e.g. ranked by gradient magnitude on the task); overrides
+            `channel_selection` for the modules it names. Their count must equal round(ratio * channels).
+        train_norms (`bool`):
+            Also train the RMSNorm weights of the decoder layers that hold an updated module (saved through PEFT's
+            `modules_to_save`).
+        gradient_checkpointing (`bool`):
+            Turn on activation checkpointing (non-reentrant) when the adapter is created. Checkpointing never applies
+            below the depth cut, whoever turns it on.
+        init_weights (`bool`):
+            Start the deltas at zero (the wrapped model equals the base). `False` starts them at small random values,
+            for tests only.
+        base_model_fingerprint (`dict`, optional):
+            Filled in when the adapter is created: model type, sizes and the shapes of the targeted modules. Loading
+            the adapter onto a model with another fingerprint is an error.
+    """
+
+    scheme: Union[dict[str, float], str] = field(
+        default_factory=dict,
+        metadata={"help": "Module name -> channel ratio in (0, 1], or a path to a scheme JSON file."},
+    )
+    channel_axis: Literal["out", "in"] = field(
+        default="out", metadata={"help": "'out' updates weight rows, 'in' updates weight columns."}
+    )
+    channel_selection: Literal["first", "magnitude"] = field(
+        default="magnitude",
+        metadata={"help": "How to choose channels when channel_indices does not name them: 'first' or 'magnitude'."},
+    )
+    channel_indices: Optional[dict[str, list[int]]] = field(
+        default=None, metadata={"help": "Explicit channel indices per module; overrides channel_selection."}
+    )
+    train_norms: bool = field(
+        default=False, metadata={"help": "Also train the RMSNorm weights of decoder layers with an updated module."}
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Enable activation checkpointing above the depth cut when wrapping."}
+    )
+    init_weights: bool = field(
+        default=True, metadata={"help": "Zero-initialise the deltas; False gives random deltas (tests only)."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Other modules to train and save in full (PEFT's modules_to_save)."}
+    )
+    base_model_fingerprint: Optional[dict] = field(
+        default=None, metadata={"help": "Set on creation: the base model this adapter belongs to."}
+    )
+    target_modules: Optional[list[str]] = field(
+        default=None, metadata={"help": "Derived from `scheme`; kept for PEFT's bookkeeping. Do not set."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = POCK_PEFT_TYPE
+        if isinstance(self.scheme, (str, os.PathLike)):
+            self.scheme = load_scheme_file(self.scheme)
+        if not isinstance(self.scheme, dict):
+            raise ValueError(f"`scheme` must be a dict or a path to a scheme JSON file, got {type(self.scheme).__name__}.")
+        self.scheme = validate_scheme(self.scheme)
+        if self.channel_axis not in CHANNEL_AXES:
+            raise ValueError(f"`channel_axis` is {self.channel_axis!r}; valid values are {CHANNEL_AXES}.")
+        if self.channel_selection not in CHANNEL_SELECTIONS:
+            raise ValueError(f"`channel_selection` is {self.channel_selection!r}; valid values are {CHANNEL_SELECTIONS}.")
+        for name in self.channel_indices or {}:
+            if name not in self.scheme:
+                raise ValueError(f"`channel_indices` names {name!r}, which is not in the scheme.")
+        self.target_modules = sorted(self.scheme)
