@@ -19,8 +19,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import torch
 from torch import nn

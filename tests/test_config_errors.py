@@ -38,9 +38,17 @@ def test_bad_config_raises_at_construction(kwargs, message):
 @pytest.mark.parametrize(
     ("scheme", "extra", "message"),
     [
-        ({"model.layers.2.mlp.up_prj": 0.5}, {}, r"'model\.layers\.2\.mlp\.up_prj'.*Did you mean 'model\.layers\.2\.mlp\.up_proj'"),
+        (
+            {"model.layers.2.mlp.up_prj": 0.5},
+            {},
+            r"'model\.layers\.2\.mlp\.up_prj'.*Did you mean 'model\.layers\.2\.mlp\.up_proj'",
+        ),
         ({"model.layers.9.mlp.up_proj": 0.5}, {}, r"'model\.layers\.9\.mlp\.up_proj' is not a module.*linear modules"),
-        ({"model.layers.2.input_layernorm": 0.5}, {}, r"'model\.layers\.2\.input_layernorm' is a LlamaRMSNorm, not a linear"),
+        (
+            {"model.layers.2.input_layernorm": 0.5},
+            {},
+            r"'model\.layers\.2\.input_layernorm' is a LlamaRMSNorm, not a linear",
+        ),
         ({"model.layers.2.mlp": 0.5}, {}, r"'model\.layers\.2\.mlp' is a LlamaMLP, not a linear"),
         ({GOOD: 0.25}, {"channel_indices": {GOOD: [0, 1]}}, rf"channel_indices\[{GOOD!r}\].*needs 12"),
         ({GOOD: 0.25}, {"channel_indices": {GOOD: [0] * 12}}, r"12 indices \(1 distinct\)"),

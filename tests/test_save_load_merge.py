@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from peft import PeftModel
-from safetensors import safe_open
+from safetensors.torch import load_file
 
 from pock_hf import PockConfig, get_pock_model
 
@@ -51,8 +51,7 @@ def test_merge_and_unload_gives_a_plain_model_with_identical_logits(trained):
 def test_adapter_file_holds_only_selected_channels(trained):
     model, _, path = trained
     axis = model.peft_config["default"].channel_axis
-    with safe_open(path / "adapter_model.safetensors", "pt") as f:
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    tensors = load_file(path / "adapter_model.safetensors")
     deltas = {k: v for k, v in tensors.items() if ".pock_delta" in k}
     indices = {k: v for k, v in tensors.items() if ".pock_indices" in k}
     norms = {k: v for k, v in tensors.items() if "layernorm" in k}
@@ -61,7 +60,9 @@ def test_adapter_file_holds_only_selected_channels(trained):
     k_proj = "base_model.model.model.layers.1.self_attn.k_proj"
     # k_proj is 16 x 32: half its rows (8 x 32) or half its columns (16 x 16)
     assert deltas[f"{k_proj}.pock_delta"].shape == ((8, 32) if axis == "out" else (16, 16))
-    assert indices[f"{k_proj}.pock_indices"].tolist() == list(model.updated_modules["model.layers.1.self_attn.k_proj"].channels)
+    assert indices[f"{k_proj}.pock_indices"].tolist() == list(
+        model.updated_modules["model.layers.1.self_attn.k_proj"].channels
+    )
     payload = sum(t.numel() * t.element_size() for t in tensors.values())
     dense_size = (16 * 32 + 32 * 48) * 4  # what the two full weights would take
     size = (path / "adapter_model.safetensors").stat().st_size

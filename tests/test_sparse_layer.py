@@ -180,7 +180,9 @@ def test_explicit_channel_indices_are_used_and_stored():
     indices = [3, 7, 11, 30, 31, 0, 5, 9]
     model = get_pock_model(
         tiny_llama(),
-        PockConfig(scheme={"model.layers.2.mlp.down_proj": 0.25}, channel_indices={"model.layers.2.mlp.down_proj": indices}),
+        PockConfig(
+            scheme={"model.layers.2.mlp.down_proj": 0.25}, channel_indices={"model.layers.2.mlp.down_proj": indices}
+        ),
     )
     assert list(model.updated_modules["model.layers.2.mlp.down_proj"].channels) == sorted(indices)
 

@@ -6,7 +6,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from peft.config import PeftConfig
 
@@ -16,7 +16,7 @@ CHANNEL_AXES = ("out", "in")
 CHANNEL_SELECTIONS = ("first", "magnitude")
 
 
-def load_scheme_file(path: Union[str, os.PathLike]) -> dict[str, float]:
+def load_scheme_file(path: str | os.PathLike) -> dict[str, float]:
     """Read a scheme JSON file: either `{module: ratio}` or `{"scheme": {module: ratio}, ...metadata}`.
 
     The second shape is what the planner writes (it adds predicted gain and cost beside the scheme).
@@ -88,7 +88,7 @@ class PockConfig(PeftConfig):
             the adapter onto a model with another fingerprint is an error.
     """
 
-    scheme: Union[dict[str, float], str] = field(
+    scheme: dict[str, float] | str = field(
         default_factory=dict,
         metadata={"help": "Module name -> channel ratio in (0, 1], or a path to a scheme JSON file."},
     )
@@ -99,7 +99,7 @@ class PockConfig(PeftConfig):
         default="magnitude",
         metadata={"help": "How to choose channels when channel_indices does not name them: 'first' or 'magnitude'."},
     )
-    channel_indices: Optional[dict[str, list[int]]] = field(
+    channel_indices: dict[str, list[int]] | None = field(
         default=None, metadata={"help": "Explicit channel indices per module; overrides channel_selection."}
     )
     train_norms: bool = field(
@@ -111,13 +111,13 @@ class PockConfig(PeftConfig):
     init_weights: bool = field(
         default=True, metadata={"help": "Zero-initialise the deltas; False gives random deltas (tests only)."}
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Other modules to train and save in full (PEFT's modules_to_save)."}
     )
-    base_model_fingerprint: Optional[dict] = field(
+    base_model_fingerprint: dict | None = field(
         default=None, metadata={"help": "Set on creation: the base model this adapter belongs to."}
     )
-    target_modules: Optional[list[str]] = field(
+    target_modules: list[str] | None = field(
         default=None, metadata={"help": "Derived from `scheme`; kept for PEFT's bookkeeping. Do not set."}
     )
 
@@ -127,12 +127,16 @@ class PockConfig(PeftConfig):
         if isinstance(self.scheme, (str, os.PathLike)):
             self.scheme = load_scheme_file(self.scheme)
         if not isinstance(self.scheme, dict):
-            raise ValueError(f"`scheme` must be a dict or a path to a scheme JSON file, got {type(self.scheme).__name__}.")
+            raise ValueError(
+                f"`scheme` must be a dict or a path to a scheme JSON file, got {type(self.scheme).__name__}."
+            )
         self.scheme = validate_scheme(self.scheme)
         if self.channel_axis not in CHANNEL_AXES:
             raise ValueError(f"`channel_axis` is {self.channel_axis!r}; valid values are {CHANNEL_AXES}.")
         if self.channel_selection not in CHANNEL_SELECTIONS:
-            raise ValueError(f"`channel_selection` is {self.channel_selection!r}; valid values are {CHANNEL_SELECTIONS}.")
+            raise ValueError(
+                f"`channel_selection` is {self.channel_selection!r}; valid values are {CHANNEL_SELECTIONS}."
+            )
         for name in self.channel_indices or {}:
             if name not in self.scheme:
                 raise ValueError(f"`channel_indices` names {name!r}, which is not in the scheme.")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from typing import Optional
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -78,10 +77,13 @@ class Linear(nn.Module, PockLayer):
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """The dense (out x in) update of `adapter`; zero outside its channels."""
         return delta_to_dense(
-            self.pock_delta[adapter], self.pock_indices[adapter], self.pock_axis[adapter], self.get_base_layer().weight.shape
+            self.pock_delta[adapter],
+            self.pock_indices[adapter],
+            self.pock_axis[adapter],
+            self.get_base_layer().weight.shape,
         )
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the active (or given) adapters' deltas into the base weight."""
         for adapter in check_adapters_to_merge(self, adapter_names):
             if adapter not in self.pock_delta:

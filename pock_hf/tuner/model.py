@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
+
 import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
