@@ -3,6 +3,8 @@
 Measure which layers and channels matter, update only those, and run no backward below the deepest updated layer.
 """
 
+import warnings
+
 from peft import PeftModel, get_peft_model
 from torch import nn
 
@@ -21,4 +23,7 @@ def get_pock_model(model: nn.Module, config: PockConfig, adapter_name: str = "de
     """
     if config.task_type is None and hasattr(model, "generate"):
         config.task_type = "CAUSAL_LM"  # PeftModelForCausalLM: generate() and Trainer work as with LoRA
-    return get_peft_model(model, config, adapter_name=adapter_name)
+    with warnings.catch_warnings():
+        # PEFT still reads transformers' deprecated `is_gradient_checkpointing`; nothing the user can act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config, adapter_name=adapter_name)
