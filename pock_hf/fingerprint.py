@@ -6,6 +6,7 @@ import hashlib
 import json
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 
 ARCHITECTURE_KEYS = (
@@ -59,3 +60,38 @@ def check_fingerprint(expected: dict, actual: dict, what: str = "adapter") -> No
         f"{actual.get('digest')}; differing config fields as (expected, given): {differing}). Load it onto the base "
         "model it was trained on."
     )
+
+
+def weights_digest(model: nn.Module, samples_per_tensor: int = 4096) -> str:
+    """A digest of the model's parameters: name, shape, dtype and an evenly strided sample of each tensor's values.
+
+    Sampling keeps it to a fraction of a second even for 7B-class models, while any retraining, another checkpoint
+    or another initialisation changes it in practice.
+    """
+    digest = hashlib.sha256()
+    for name, parameter in model.named_parameters():
+        flat = parameter.detach().reshape(-1)
+        stride = max(1, flat.numel() // samples_per_tensor)
+        sample = flat[::stride][:samples_per_tensor].to(device="cpu", dtype=torch.float32)
+        digest.update(f"{name}{tuple(parameter.shape)}{parameter.dtype}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def model_fingerprint(model: nn.Module) -> dict:
+    """`{"config": {...}, "weights": str, "digest": str}`: the architecture plus a digest of the weights."""
+    config = getattr(model, "config", None)
+    architecture = {key: getattr(config, key, None) for key in ARCHITECTURE_KEYS}
+    weights = weights_digest(model)
+    canonical = json.dumps({"config": architecture, "weights": weights}, sort_keys=True)
+    return {"config": architecture, "weights": weights, "digest": hashlib.sha256(canonical.encode()).hexdigest()[:16]}
+
+
+def check_model_fingerprint(expected: dict, actual: dict, what: str) -> None:
+    """Raise `ValueError` naming both fingerprints when `what` (a table, a cost profile) was made on another model."""
+    if expected.get("digest") != actual.get("digest"):
+        raise ValueError(
+            f"This {what} was measured on another model (fingerprint {expected.get('digest')}, weights "
+            f"{expected.get('weights')}); the given model has fingerprint {actual.get('digest')}, weights "
+            f"{actual.get('weights')}. Measure it again on this model."
+        )

@@ -84,7 +84,7 @@ def test_scheme_from_file_plain_and_planner_shapes(tmp_path):
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [(None, r"does not exist"), ("{not json", r"not valid JSON"), ("[1, 2]", r"must hold an object")],
+    [(None, r"does not exist"), ("{not json", r"not valid JSON"), ("[1, 2]", r"must hold a JSON object")],
 )
 def test_bad_scheme_file(tmp_path, content, message):
     path = tmp_path / "scheme.json"

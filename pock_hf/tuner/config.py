@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -10,6 +9,7 @@ from typing import Literal
 
 from peft.config import PeftConfig
 
+from ..files import read_json_object
 from .peft_type import POCK_PEFT_TYPE
 
 CHANNEL_AXES = ("out", "in")
@@ -21,21 +21,8 @@ def load_scheme_file(path: str | os.PathLike) -> dict[str, float]:
 
     The second shape is what the planner writes (it adds predicted gain and cost beside the scheme).
     """
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise ValueError(f"Scheme file {os.fspath(path)!r} does not exist.") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"Scheme file {os.fspath(path)!r} is not valid JSON: {err}") from None
-    if isinstance(data, dict) and isinstance(data.get("scheme"), dict):
-        data = data["scheme"]
-    if not isinstance(data, dict):
-        raise ValueError(
-            f"Scheme file {os.fspath(path)!r} must hold an object mapping module names to channel ratios, "
-            f"got {type(data).__name__}."
-        )
-    return data
+    data = read_json_object(path, "Scheme file")
+    return data["scheme"] if isinstance(data.get("scheme"), dict) else data
 
 
 def validate_scheme(scheme: dict) -> dict[str, float]:

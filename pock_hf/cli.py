@@ -1,0 +1,168 @@
+"""The `pock` command: measure a sensitivity table (and the device's cost profile), then plan a scheme under a budget.
+
+    pock sensitivity --data train.json --out runs/sens/table.json            # embedded SmolLM2, measured mode
+    pock sensitivity --model M --data train.json --method proxy --out table.json
+    pock plan --table table.json --costs costs.json --budget-mb 3000 --out scheme.json
+    pock plan --table table.json --costs costs.json --device jetson-orin-nano-8gb --out scheme.json
+
+User mistakes print one clear message and exit with status 2; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_RATIOS = "0.25,1.0"
+
+
+def parse_floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def parse_layers(text: str) -> list[int]:
+    """`"20-29"`, `"3,7,9"` or a mix, as a sorted list of layer indices."""
+    layers: set[int] = set()
+    try:
+        for part in text.split(","):
+            start, _, end = part.partition("-")
+            layers.update(range(int(start), int(end or start) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected layer indices like '20-29' or '3,7', got {text!r}") from None
+    return sorted(layers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pock", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    sens = commands.add_parser("sensitivity", help="measure a sensitivity table (+ CSV, heatmap, cost profile)")
+    sens.add_argument("--model", default=None, help="hub id or local path; default: embedded SmolLM2-135M-Instruct")
+    sens.add_argument("--data", type=Path, required=True, help="training rows (Alpaca or chat JSON/JSONL)")
+    sens.add_argument("--eval-data", type=Path, help="validation rows; default: the last --eval-rows of --data")
+    sens.add_argument("--eval-rows", type=int, default=32, help="rows held out of --data when --eval-data is absent")
+    sens.add_argument("--max-rows", type=int, help="use only the first N training rows")
+    sens.add_argument("--out", type=Path, required=True, help="table JSON; CSV, PNG and costs.json go beside it")
+    sens.add_argument("--method", choices=("measured", "proxy"), default="measured")
+    sens.add_argument("--granularity", choices=("module", "layer"), default="layer")
+    sens.add_argument("--ratios", type=parse_floats, default=parse_floats(DEFAULT_RATIOS))
+    sens.add_argument("--modules", help="comma-separated module paths inside a layer, e.g. mlp.up_proj,mlp.down_proj")
+    sens.add_argument("--layers", type=parse_layers, help="layer indices, e.g. 20-29 (default: all)")
+    sens.add_argument("--steps", type=int, default=8, help="fine-tuning steps per unit (proxy: backward passes)")
+    sens.add_argument("--lr", type=float, default=1e-3)
+    sens.add_argument("--batch-size", type=int, default=8)
+    sens.add_argument("--max-length", type=int, default=256)
+    sens.add_argument("--seed", type=int, default=0)
+    sens.add_argument("--no-costs", action="store_true", help="skip profiling this device's costs")
+    sens.add_argument("--profile-batch", type=int, default=4, help="batch size of the cost profile")
+    sens.add_argument("--profile-seq", type=int, default=128, help="sequence length of the cost profile")
+
+    plan = commands.add_parser("plan", help="choose the scheme with the best gain under a budget")
+    plan.add_argument("--table", type=Path, required=True)
+    plan.add_argument("--costs", type=Path, required=True)
+    budget = plan.add_argument_group("budget (at least one)")
+    budget.add_argument("--budget-mb", type=float, help="peak training memory budget in MB")
+    budget.add_argument("--budget-time-ratio", type=float, help="step time as a fraction of a full fine-tuning step")
+    budget.add_argument("--device", help="memory budget of a device preset (see `pock plan --help`)")
+    plan.add_argument("--axis", choices=("out", "in"), default="out")
+    plan.add_argument("--out", type=Path, required=True, help="scheme JSON; the report (.md) and plot (.png) beside")
+    return parser
+
+
+def run_sensitivity(args: argparse.Namespace) -> None:
+    from .costs import profile_costs
+    from .data import load_instruction_rows
+    from .default_model import load_model_and_tokenizer
+    from .sensitivity import measure_sensitivity
+
+    rows = load_instruction_rows(args.data)
+    if args.eval_data:
+        train_rows, eval_rows = rows, load_instruction_rows(args.eval_data)
+    elif len(rows) <= args.eval_rows:
+        raise ValueError(f"{args.data} has {len(rows)} rows: too few to hold out {args.eval_rows}; pass --eval-data.")
+    else:
+        train_rows, eval_rows = rows[: -args.eval_rows], rows[-args.eval_rows :]
+    train_rows = train_rows[: args.max_rows] if args.max_rows else train_rows
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    started = time.perf_counter()
+    table = measure_sensitivity(
+        model,
+        tokenizer,
+        train_rows,
+        eval_rows,
+        method=args.method,
+        ratios=args.ratios,
+        modules=args.modules.split(",") if args.modules else None,
+        layers=args.layers,
+        granularity=args.granularity,
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        seed=args.seed,
+    )
+    table.settings["seconds"] = time.perf_counter() - started
+    outputs = [
+        table.to_json(args.out),
+        table.to_csv(args.out.with_suffix(".csv")),
+        table.plot_heatmap(args.out.with_suffix(".png")),
+    ]
+    if not args.no_costs:
+        costs = profile_costs(model, batch_size=args.profile_batch, seq_len=args.profile_seq)
+        outputs.append(costs.to_json(args.out.parent / "costs.json"))
+    best = sorted(table.rows, key=lambda row: row.gain, reverse=True)[:5]
+    print(f"Measured {len(table.rows)} units ({args.method}) in {table.settings['seconds']:.0f} s; top units:")
+    for row in best:
+        print(f"  layer {row.layer:>3} {row.module:<18} ratio {row.ratio:<5g} gain {row.gain:+.4f}")
+    print("Wrote " + ", ".join(str(path) for path in outputs))
+
+
+def run_plan(args: argparse.Namespace) -> None:
+    from .costs import DEVICE_BUDGETS_MB, CostProfile
+    from .files import atomic_write_text
+    from .planner import make_plan, plan_report, plot_gain_vs_budget
+    from .table import SensitivityTable
+
+    budget_mb = args.budget_mb
+    if args.device:
+        if args.device not in DEVICE_BUDGETS_MB:
+            raise ValueError(f"Unknown device preset {args.device!r}; presets: {sorted(DEVICE_BUDGETS_MB)}.")
+        budget_mb = (
+            DEVICE_BUDGETS_MB[args.device] if budget_mb is None else min(budget_mb, DEVICE_BUDGETS_MB[args.device])
+        )
+    if budget_mb is None and args.budget_time_ratio is None:
+        raise ValueError("Give a budget: --budget-mb, --budget-time-ratio or --device.")
+    table, costs = SensitivityTable.from_json(args.table), CostProfile.from_json(args.costs)
+    plan = make_plan(table, costs, budget_mb=budget_mb, budget_time_ratio=args.budget_time_ratio, axis=args.axis)
+    report = plan_report(plan, costs)
+    outputs = [
+        plan.to_json(args.out),
+        plot_gain_vs_budget(table, costs, args.out.with_suffix(".png"), chosen=plan),
+        atomic_write_text(args.out.with_suffix(".md"), report + "\n"),
+    ]
+    print(report)
+    print("Wrote " + ", ".join(str(path) for path in outputs))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        {"sensitivity": run_sensitivity, "plan": run_plan}[args.command](args)
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        if args.debug:
+            raise
+        print(f"pock {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Measure how much updating each unit (layer x module x channel ratio) alone helps the task.
+
+`method="measured"` is PockEngine's procedure: for every unit, start from the frozen model, fine-tune only that unit
+for `steps` steps with the Pock adapter (so each trial gets the depth-cut savings), and record how much the
+validation loss improves over the frozen model. `method="proxy"` is a cheap first-order estimate from a few
+backward passes: the loss decrease one SGD step of size `lr` on the unit's top-k channels would give,
+lr * sum of the k largest per-channel squared gradient norms. The proxy also yields per-channel importance, which
+`gradient_channel_indices` turns into `PockConfig.channel_indices`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import InstructionCollator, tokenize_rows
+from .depth_cut import find_decoder_layers
+from .fingerprint import model_fingerprint
+from .table import LLAMA_LAYER_MODULES, WHOLE_LAYER, SensitivityRow, SensitivityTable
+from .tuner import PockConfig
+from .tuner.sparse_backward import channel_count
+
+METHODS = ("measured", "proxy")
+GRANULARITIES = ("module", "layer")
+
+
+def as_examples(data: Sequence[dict], tokenizer, max_length: int) -> list[dict]:
+    """Tokenized examples from instruction rows (Alpaca / chat), or `data` itself if it is already tokenized."""
+    if data and "input_ids" in data[0]:
+        return list(data)
+    examples, _ = tokenize_rows(list(data), tokenizer, max_length=max_length)
+    if not examples:
+        raise ValueError("No usable example left after tokenization (every row was dropped); check the data file.")
+    return examples
+
+
+def data_fingerprint(train: Sequence[dict], evaluation: Sequence[dict]) -> str:
+    """A digest of the exact token ids and labels a measurement used."""
+    digest = hashlib.sha256()
+    for example in (*train, {"split": "eval"}, *evaluation):
+        digest.update(json.dumps({k: example.get(k) for k in ("input_ids", "labels", "split")}).encode())
+    return digest.hexdigest()[:16]
+
+
+def fixed_batches(examples: list[dict], collate, batch_size: int, count: int, seed: int) -> list[dict]:
+    """`count` batches drawn in a seeded shuffled order (cycling): every trial sees the same data."""
+    order, rng = [], random.Random(seed)
+    while len(order) < batch_size * count:
+        order += rng.sample(range(len(examples)), len(examples))
+    return [collate([examples[i] for i in order[b * batch_size : (b + 1) * batch_size]]) for b in range(count)]
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, batches: list[dict]) -> float:
+    """Mean loss per labelled token over `batches` (each batch's mean weighted by its labelled-token count)."""
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    for batch in batches:
+        count = int((batch["labels"][:, 1:] != -100).sum())
+        total += model(**batch).loss.item() * count
+        tokens += count
+    model.train(was_training)
+    return total / tokens
+
+
+def layer_module_paths(model: nn.Module, layers_name: str, modules: Sequence[str] | None) -> tuple[str, ...]:
+    """The linear modules inside a decoder layer to measure (default: the Llama set), checked against the model."""
+    first_layer = model.get_submodule(f"{layers_name}.0")
+    present = tuple(name for name, m in first_layer.named_modules() if isinstance(m, nn.Linear))
+    chosen = tuple(modules) if modules is not None else tuple(m for m in LLAMA_LAYER_MODULES if m in present)
+    unknown = [m for m in chosen if m not in present]
+    if unknown or not chosen:
+        raise ValueError(f"Unknown module(s) {unknown} inside a decoder layer; valid: {list(present)}.")
+    return chosen
+
+
+def measure_sensitivity(
+    model: nn.Module,
+    tokenizer,
+    train_data: Sequence[dict],
+    eval_data: Sequence[dict],
+    *,
+    method: str = "measured",
+    ratios: Sequence[float] = (0.25, 1.0),
+    modules: Sequence[str] | None = None,
+    layers: Sequence[int] | None = None,
+    granularity: str = "module",
+    steps: int = 8,
+    lr: float = 1e-3,
+    batch_size: int = 8,
+    max_length: int = 256,
+    axis: str = "out",
+    seed: int = 0,
+    progress: bool = True,
+) -> SensitivityTable:
+    """Build a `SensitivityTable` for `model` (a plain transformers model, not yet wrapped).
+
+    `train_data`/`eval_data` are instruction rows or tokenized examples. Units are every layer in `layers` (default
+    all) times every module path in `modules` (default the Llama linears), or whole layers with
+    `granularity="layer"`, times every ratio in `ratios`. Measured mode runs `steps` AdamW steps (learning rate `lr`)
+    per unit; proxy mode uses `steps` backward passes in total. Deterministic given `seed`. The model is returned to
+    its original state (weights, requires_grad) afterwards.
+
+    Raises:
+        ValueError: unknown method, granularity, module path or layer index, ratio outside (0, 1].
+    """
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is not one of {METHODS}.")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity {granularity!r} is not one of {GRANULARITIES}.")
+    if not ratios or any(not 0 < r <= 1 for r in ratios):
+        raise ValueError(f"ratios must be in (0, 1], got {list(ratios)}.")
+    layers_name, stack = find_decoder_layers(model)
+    layer_modules = layer_module_paths(model, layers_name, modules)
+    layers = list(range(len(stack))) if layers is None else list(layers)
+    if any(not 0 <= layer < len(stack) for layer in layers):
+        raise ValueError(f"layers must be in [0, {len(stack)}), got {layers}.")
+
+    collate = InstructionCollator(pad_token_id=tokenizer.pad_token_id if tokenizer is not None else 0)
+    train = as_examples(train_data, tokenizer, max_length)
+    evaluation = as_examples(eval_data, tokenizer, max_length)
+    train_batches = fixed_batches(train, collate, batch_size, steps, seed)
+    eval_batches = [collate(evaluation[i : i + batch_size]) for i in range(0, len(evaluation), batch_size)]
+    unit_modules = [WHOLE_LAYER] if granularity == "layer" else list(layer_modules)
+    table = SensitivityTable(
+        rows=[],
+        model_fingerprint=model_fingerprint(model),
+        data_fingerprint=data_fingerprint(train, evaluation),
+        layers_name=layers_name,
+        layer_modules=layer_modules,
+        settings={
+            "method": method,
+            "ratios": list(ratios),
+            "granularity": granularity,
+            "steps": steps,
+            "lr": lr,
+            "batch_size": batch_size,
+            "max_length": max_length,
+            "axis": axis,
+            "seed": seed,
+        },
+    )
+    units = [(layer, module) for layer in layers for module in unit_modules]
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        table.baseline = evaluate_loss(model, eval_batches)
+        if method == "measured":
+            _measure(model, table, units, ratios, train_batches, eval_batches, lr, axis, seed, progress)
+        else:
+            _proxy(model, table, units, ratios, train_batches, lr, axis, progress)
+    finally:
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(requires_grad[name])
+    return table
+
+
+def _measure(model, table, units, ratios, train_batches, eval_batches, lr, axis, seed, progress) -> None:
+    from . import get_pock_model
+
+    trials = [(layer, module, ratio) for layer, module in units for ratio in ratios]
+    for layer, module, ratio in tqdm(trials, desc="measuring sensitivity", unit="unit", disable=not progress):
+        torch.manual_seed(seed)
+        scheme = dict.fromkeys(table.module_names(layer, module), ratio)
+        wrapped = get_pock_model(model, PockConfig(scheme=scheme, channel_axis=axis))
+        optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+        wrapped.train()
+        for batch in train_batches:
+            wrapped(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        loss = evaluate_loss(wrapped, eval_batches)
+        wrapped.unload()  # gives the untouched base model back (the deltas lived beside the weights)
+        table.rows.append(
+            SensitivityRow(layer, module, ratio, table.baseline - loss, "measured", len(train_batches), "loss")
+        )
+
+
+def _proxy(model, table, units, ratios, train_batches, lr, axis, progress) -> None:
+    names = sorted({name for layer, module in units for name in table.module_names(layer, module)})
+    weights = {name: model.get_submodule(name).weight for name in names}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for weight in weights.values():
+        weight.requires_grad_(True)
+    was_training = model.training
+    model.train()
+    try:
+        for batch in tqdm(train_batches, desc="proxy sensitivity (backward passes)", disable=not progress):
+            (model(**batch).loss / len(train_batches)).backward()
+        for name, weight in weights.items():
+            # squared gradient norm per channel: the first-order loss decrease of an SGD step on that channel
+            table.channel_importance[name] = weight.grad.float().pow(2).sum(dim=1 if axis == "out" else 0).tolist()
+            weight.grad = None
+    finally:
+        model.train(was_training)
+    for layer, module in units:
+        for ratio in ratios:
+            gain = 0.0
+            for name in table.module_names(layer, module):
+                scores = torch.tensor(table.channel_importance[name])
+                gain += lr * scores.topk(channel_count(ratio, scores.numel())).values.sum().item()
+            table.rows.append(SensitivityRow(layer, module, ratio, gain, "proxy", len(train_batches), "loss"))
+
+
+def gradient_channel_indices(table: SensitivityTable, scheme: dict[str, float]) -> dict[str, list[int]]:
+    """For each scheme module, the k = round(ratio * channels) channels with the largest proxy importance, as
+    `PockConfig(channel_indices=...)` takes them.
+
+    Raises:
+        ValueError: the table holds no channel importance for a module (measure it with `method="proxy"`).
+    """
+    indices = {}
+    for name, ratio in scheme.items():
+        if name not in table.channel_importance:
+            raise ValueError(f"The table has no channel importance for {name!r}; measure it with method='proxy'.")
+        scores = torch.tensor(table.channel_importance[name])
+        indices[name] = sorted(scores.topk(channel_count(ratio, scores.numel())).indices.tolist())
+    return indices

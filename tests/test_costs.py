@@ -1,0 +1,55 @@
+"""Cost profile: measured on the model at hand, exact memory accounting, exact JSON round trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pock_hf.costs import CostProfile, profile_costs
+
+from .tiny import tiny_llama
+
+
+@pytest.fixture(scope="module")
+def profile():
+    return profile_costs(tiny_llama(), batch_size=2, seq_len=16, depths=[0, 3], repeats=1, progress=False)
+
+
+def test_profile_covers_every_cut_depth_and_module(profile):
+    assert profile.num_layers == 4
+    assert len(profile.step_s_by_cut) == len(profile.activation_mb_by_cut) == 4
+    assert set(profile.unit_extra_s) == set(profile.module_shapes)
+    assert profile.module_shapes["mlp.down_proj"] == [32, 48]
+    assert all(t > 0 for t in profile.step_s_by_cut) and profile.full_step_s > 0
+    # a deeper cut keeps fewer activations and never costs more time
+    assert profile.activation_mb_by_cut == sorted(profile.activation_mb_by_cut, reverse=True)
+    assert profile.activation_mb_by_cut[0] > profile.activation_mb_by_cut[3] > 0
+    assert profile.step_s_by_cut == sorted(profile.step_s_by_cut, reverse=True)
+
+
+def test_unit_memory_is_parameter_gradient_and_adam_state(profile):
+    # up_proj is 48 x 32: a quarter of its 48 rows is 12 rows x 32 inputs, four fp32 copies each
+    assert profile.unit_memory_mb("mlp.up_proj", 0.25) == 12 * 32 * 4 * 4 / 2**20
+    assert profile.unit_memory_mb("mlp.up_proj", 0.25, axis="in") == 8 * 48 * 4 * 4 / 2**20
+    whole = profile.unit_memory_mb("*", 1.0)
+    assert whole == sum(o * i for o, i in profile.module_shapes.values()) * 16 / 2**20
+    assert profile.unit_time_s("mlp.up_proj", 0.5) == pytest.approx(profile.unit_extra_s["mlp.up_proj"] * 0.5)
+
+
+def test_profile_round_trips_exactly_and_knows_its_model(profile, tmp_path):
+    profile.to_json(tmp_path / "costs.json")
+    assert CostProfile.from_json(tmp_path / "costs.json") == profile
+    profile.check_model(tiny_llama())
+    with pytest.raises(ValueError, match=profile.model_fingerprint["digest"]):
+        profile.check_model(tiny_llama(seed=3))
+
+
+def test_profiling_leaves_the_model_as_it_was():
+    model = tiny_llama()
+    model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    profile_costs(model, batch_size=1, seq_len=8, depths=[1], repeats=1, progress=False)
+    assert all(torch.equal(before[name], p) for name, p in model.named_parameters())
+    assert not model.model.layers[0].mlp.up_proj.weight.requires_grad
+    assert sum(p.requires_grad for p in model.parameters()) == len(list(model.parameters())) - 1
+    assert type(model.model.layers[1].mlp.up_proj).__name__ == "Linear"

@@ -1,0 +1,284 @@
+"""Planner: within budget, monotone in budget, equal to brute force, honest about what cannot fit."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+
+import numpy as np
+import pytest
+
+from pock_hf.costs import CostProfile
+from pock_hf.planner import Plan, gain_vs_budget, make_plan, plan_report, plan_scheme, plot_gain_vs_budget
+from pock_hf.table import WHOLE_LAYER, SensitivityRow, SensitivityTable
+from pock_hf.tuner import PockConfig
+
+MODULES = ("self_attn.q_proj", "mlp.up_proj", "mlp.down_proj")
+FINGERPRINT = {"digest": "0123abcd", "config": {"model_type": "llama"}}
+# 65536 inputs x 4 bytes x 4 copies = 1 MB per selected output channel: unit memory is a whole number of MB
+INPUTS_FOR_ONE_MB_PER_CHANNEL = 65536
+
+
+def random_instance(seed: int, layers: int = 4, modules: int = 2, whole_layer: bool = False, exact: bool = True):
+    """A random (table, costs) pair. With `exact`, every cost is a whole MB and every time and gain a multiple of
+    1/8 (so float sums are exact and the 1 MB grid loses nothing); otherwise costs are fractional."""
+    rng = np.random.default_rng(seed)
+    names = MODULES[:modules]
+    inputs = INPUTS_FOR_ONE_MB_PER_CHANNEL if exact else int(rng.integers(40000, 90000))
+    shapes = {name: [2 * int(rng.integers(1, 5)), inputs] for name in names}  # even rows: ratio 0.5 is exact
+    # deeper cuts (higher index) keep fewer activations and backpropagate less
+    activation = np.cumsum(rng.integers(1, 6, layers))[::-1].astype(float)
+    step = np.cumsum(rng.integers(1, 5, layers))[::-1] / 8
+    costs = CostProfile(
+        device="synthetic",
+        model_fingerprint=dict(FINGERPRINT),
+        batch_size=1,
+        seq_len=8,
+        num_layers=layers,
+        weights_mb=float(rng.integers(20, 40)) if exact else float(rng.uniform(20, 40)),
+        forward_s=0.5,
+        full_step_s=float(step[0] + 1),
+        step_s_by_cut=[float(s) for s in step],
+        activation_mb_by_cut=[float(a) for a in activation],
+        module_shapes=shapes,
+        unit_extra_s={name: int(rng.integers(1, 4)) / 8 for name in names},
+    )
+    units = [WHOLE_LAYER] if whole_layer else list(names)
+    rows = [
+        SensitivityRow(layer, module, ratio, int(rng.integers(-3, 12)) / 8, "measured", 4, "loss")
+        for layer in range(layers)
+        for module in units
+        for ratio in (0.5, 1.0)
+    ]
+    table = SensitivityTable(rows=rows, model_fingerprint=dict(FINGERPRINT), data_fingerprint="data0")
+    return table, costs
+
+
+def all_schemes(table: SensitivityTable, costs: CostProfile):
+    """(gain, memory MB, step s) of every non-empty scheme, enumerated: one ratio or none per unit."""
+    by_unit = {}
+    for row in table.rows:
+        by_unit.setdefault((row.layer, row.module), []).append(row)
+    results = []
+    for picks in itertools.product(*[[None, *rows] for rows in by_unit.values()]):
+        chosen = [row for row in picks if row is not None]
+        if not chosen:
+            continue
+        cut = min(row.layer for row in chosen)
+        memory = costs.base_memory_mb(cut) + sum(costs.unit_memory_mb(r.module, r.ratio) for r in chosen)
+        step = costs.step_s_by_cut[cut] + sum(costs.unit_time_s(r.module, r.ratio) for r in chosen)
+        results.append((sum(row.gain for row in chosen), memory, step))
+    return np.array(results)
+
+
+def brute_force_gain(schemes: np.ndarray, budget_mb=None, budget_time_ratio=None, full_step_s=1.0) -> float | None:
+    fits = np.ones(len(schemes), bool)
+    if budget_mb is not None:
+        fits &= schemes[:, 1] <= budget_mb
+    if budget_time_ratio is not None:
+        fits &= schemes[:, 2] <= budget_time_ratio * full_step_s
+    # the empty scheme is not a plan: without a fitting unit of positive gain the planner refuses
+    best = schemes[fits, 0].max(initial=0.0)
+    return best if best > 0 else None
+
+
+def memory_range(schemes: np.ndarray) -> tuple[float, float]:
+    return float(schemes[:, 1].min()), float(schemes[:, 1].max())
+
+
+def within_budget(plan: Plan, costs: CostProfile) -> bool:
+    memory_ok = plan.budget_mb is None or plan.predicted_memory_mb <= plan.budget_mb
+    time_ok = plan.budget_time_ratio is None or plan.predicted_step_s <= plan.budget_time_ratio * costs.full_step_s
+    return memory_ok and time_ok
+
+
+# --- correctness -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_matches_brute_force_on_small_instances(seed):
+    table, costs = random_instance(seed, layers=3 + seed % 2, modules=2, whole_layer=seed % 5 == 0)
+    schemes = all_schemes(table, costs)
+    low, high = memory_range(schemes)
+    rng = np.random.default_rng(1000 + seed)
+    memory = [float(m) for m in rng.integers(int(low) - 2, int(high) + 2, 6)]
+    ratios = [float(r) for r in rng.uniform(0.2, 1.2, 6)]
+    budgets = [{"budget_mb": m} for m in memory] + [{"budget_time_ratio": r} for r in ratios]
+    budgets += [{"budget_mb": m, "budget_time_ratio": r} for m, r in zip(memory, ratios)]
+    for budget in budgets:
+        expected = brute_force_gain(schemes, full_step_s=costs.full_step_s, **budget)
+        if expected is None:
+            with pytest.raises(ValueError, match="smallest feasible"):
+                make_plan(table, costs, **budget)
+            continue
+        plan = make_plan(table, costs, **budget)
+        assert plan.predicted_gain == expected, budget  # exact: gains are multiples of 1/8
+        assert within_budget(plan, costs)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_never_exceeds_the_budget_even_with_fractional_costs(seed):
+    table, costs = random_instance(100 + seed, layers=5, modules=3, exact=False)
+    rng = np.random.default_rng(seed)
+    for _ in range(6):
+        budget_mb = float(rng.uniform(30, 90))
+        budget_time_ratio = float(rng.uniform(0.3, 1.3))
+        both = {"budget_mb": budget_mb, "budget_time_ratio": budget_time_ratio}
+        for budget in ({"budget_mb": budget_mb}, {"budget_time_ratio": budget_time_ratio}, both):
+            try:
+                plan = make_plan(table, costs, resolution_mb=0.7, **budget)
+            except ValueError as error:
+                assert "smallest feasible" in str(error)
+                continue
+            assert within_budget(plan, costs)
+            assert plan.predicted_gain > 0 and plan.units
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_more_budget_never_gains_less(seed):
+    table, costs = random_instance(200 + seed, layers=6, modules=3, exact=seed % 2 == 0)
+    low, high = memory_range(all_schemes_upper_bound(costs))
+    budgets = list(np.linspace(low - 5, high + 5, 40))
+    gains = [plan.predicted_gain if plan else 0.0 for plan in gain_vs_budget(table, costs, budgets)]
+    assert gains == sorted(gains) and gains[-1] > 0
+    # the shared programme answers exactly as a plan made for each budget alone
+    for budget, gain in list(zip(budgets, gains))[::7]:
+        if gain > 0:
+            assert make_plan(table, costs, budget_mb=budget).predicted_gain == gain
+    time_gains = []
+    for ratio in np.linspace(0.1, 1.5, 15):
+        try:
+            time_gains.append(make_plan(table, costs, budget_time_ratio=float(ratio)).predicted_gain)
+        except ValueError:
+            time_gains.append(0.0)
+    assert time_gains == sorted(time_gains)
+
+
+def all_schemes_upper_bound(costs: CostProfile) -> np.ndarray:
+    """Memory of the cheapest imaginable scheme (top cut, nothing else) and the most expensive (everything, cut 0)."""
+    everything = sum(costs.unit_memory_mb(module, 1.0) for module in costs.module_shapes) * costs.num_layers
+    top = costs.base_memory_mb(costs.num_layers - 1)
+    return np.array([[0, top, 0], [0, costs.base_memory_mb(0) + everything, 0]])
+
+
+def test_cut_is_the_deepest_updated_layer():
+    table, costs = random_instance(7, layers=6, modules=3)
+    for budget_mb in (60, 80, 120):
+        plan = make_plan(table, costs, budget_mb=budget_mb)
+        assert plan.cut_layer == min(layer for layer, _, _ in plan.units)
+        layers_in_scheme = [int(re.match(r"model\.layers\.(\d+)\.", name).group(1)) for name in plan.scheme]
+        assert min(layers_in_scheme) == plan.cut_layer
+        # the exact cost is the one at the real cut
+        expected = costs.base_memory_mb(plan.cut_layer) + sum(
+            costs.unit_memory_mb(module, ratio) for _, module, ratio in plan.units
+        )
+        assert plan.predicted_memory_mb == pytest.approx(expected)
+        assert plan.predicted_gain == pytest.approx(sum(plan.unit_gains))
+
+
+def handmade(gains: dict[tuple[int, str], float], rows_of: dict[str, int], extra_eighths: dict[str, int]):
+    """Two layers, ratio 1 only; a module with k rows costs k MB and extra_eighths/8 s. Weights 10 MB, activations
+    4 MB (cut 0) and 2 MB (cut 1); steps 1/2 s and 1/4 s."""
+    costs = CostProfile(
+        device="synthetic",
+        model_fingerprint=dict(FINGERPRINT),
+        batch_size=1,
+        seq_len=8,
+        num_layers=2,
+        weights_mb=10.0,
+        forward_s=0.25,
+        full_step_s=1.0,
+        step_s_by_cut=[0.5, 0.25],
+        activation_mb_by_cut=[4.0, 2.0],
+        module_shapes={name: [rows, INPUTS_FOR_ONE_MB_PER_CHANNEL] for name, rows in rows_of.items()},
+        unit_extra_s={name: eighths / 8 for name, eighths in extra_eighths.items()},
+    )
+    rows = [SensitivityRow(layer, module, 1.0, gain, "measured", 4, "loss") for (layer, module), gain in gains.items()]
+    return SensitivityTable(rows=rows, model_fingerprint=dict(FINGERPRINT), data_fingerprint="data0"), costs
+
+
+def test_ties_go_to_the_lower_cost_then_fewer_units():
+    q, up, down = MODULES
+    # the same gain from layer 0 or layer 1: layer 1 is the deeper, cheaper cut
+    table, costs = handmade({(0, q): 1.0, (1, q): 1.0}, {q: 2}, {q: 1})
+    assert make_plan(table, costs, budget_mb=100).units == [(0, q, 1.0), (1, q, 1.0)]  # both fit: more gain wins
+    plan = make_plan(table, costs, budget_mb=100, budget_time_ratio=0.7)  # one only (0.75 s for both)
+    assert plan.units == [(1, q, 1.0)] and plan.predicted_memory_mb == 14 and plan.predicted_step_s == 0.375
+    # gain 2 from one 4 MB unit or from two 2 MB units, same memory and time: fewer units
+    table, costs = handmade(
+        {(1, q): 2.0, (1, up): 1.0, (1, down): 1.0}, {q: 4, up: 2, down: 2}, {q: 2, up: 1, down: 1}
+    )
+    plan = make_plan(table, costs, budget_mb=16)
+    assert plan.predicted_gain == 2.0 and plan.units == [(1, q, 1.0)]
+
+
+# --- errors ----------------------------------------------------------------------------------------------------------
+
+
+def test_infeasible_budget_names_the_smallest_feasible_one():
+    table, costs = random_instance(3, layers=4, modules=2)
+    positive = [row for row in table.rows if row.gain > 0]
+    smallest_mb = min(costs.base_memory_mb(r.layer) + costs.unit_memory_mb(r.module, r.ratio) for r in positive)
+    smallest_ratio = min(costs.step_s_by_cut[r.layer] + costs.unit_time_s(r.module, r.ratio) for r in positive)
+    smallest_ratio /= costs.full_step_s
+    with pytest.raises(ValueError, match=re.escape(f"{smallest_mb:.2f} MB")):
+        make_plan(table, costs, budget_mb=smallest_mb - 1)
+    assert make_plan(table, costs, budget_mb=smallest_mb).predicted_memory_mb == smallest_mb
+    with pytest.raises(ValueError, match=re.escape(f"{np.ceil(smallest_ratio * 1e4) / 1e4:.4f}")):
+        make_plan(table, costs, budget_time_ratio=smallest_ratio * 0.99)
+    assert make_plan(table, costs, budget_time_ratio=smallest_ratio).units
+
+
+def test_input_errors():
+    table, costs = random_instance(4)
+    with pytest.raises(ValueError, match="Give a budget"):
+        make_plan(table, costs)
+    other = random_instance(4)[1]
+    other.model_fingerprint = {"digest": "ffff0000"}
+    with pytest.raises(ValueError, match="0123abcd.*ffff0000"):
+        make_plan(table, other, budget_mb=100)
+    mixed = SensitivityTable(
+        rows=[*table.rows, SensitivityRow(0, WHOLE_LAYER, 1.0, 1.0, "measured", 4, "loss")],
+        model_fingerprint=dict(FINGERPRINT),
+        data_fingerprint="data0",
+    )
+    with pytest.raises(ValueError, match="one granularity"):
+        make_plan(mixed, costs, budget_mb=100)
+    duplicated = SensitivityTable(
+        rows=[*table.rows, table.rows[0]], model_fingerprint=dict(FINGERPRINT), data_fingerprint="d"
+    )
+    with pytest.raises(ValueError, match="two rows"):
+        make_plan(duplicated, costs, budget_mb=100)
+    with pytest.raises(ValueError, match="budget_mb"):
+        make_plan(table, costs, budget_mb=-1.0)
+
+
+# --- files, config, plot, report -------------------------------------------------------------------------------------
+
+
+def test_plan_json_round_trip_and_config(tmp_path):
+    table, costs = random_instance(5, layers=5, modules=3)
+    plan = make_plan(table, costs, budget_mb=80, budget_time_ratio=0.9)
+    path = plan.to_json(tmp_path / "plan.json")
+    assert Plan.from_json(path) == plan
+    assert json.loads(path.read_text())["predicted_gain"] == plan.predicted_gain
+    assert PockConfig(scheme=str(path)).scheme == plan.scheme
+    config = plan.to_config(channel_selection="first")
+    assert config.scheme == plan.scheme and config.channel_axis == "out"
+    config = plan_scheme(table, costs, budget_mb=80, budget_time_ratio=0.9, axis="in", train_norms=True)
+    assert config.channel_axis == "in" and config.train_norms
+    (tmp_path / "bad.json").write_text(json.dumps({**plan.to_dict(), "format_version": 99}))
+    with pytest.raises(ValueError, match="format version 99"):
+        Plan.from_json(tmp_path / "bad.json")
+
+
+def test_plot_and_report(tmp_path):
+    table, costs = random_instance(6, layers=5, modules=3)
+    plan = make_plan(table, costs, budget_mb=70)
+    png = plot_gain_vs_budget(table, costs, tmp_path / "gain.png", chosen=plan)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = plan_report(plan, costs)
+    for layer, module, ratio in plan.units:
+        assert f"| {layer} | `{module}` | {ratio:g} |" in report
+    assert f"Cut layer: {plan.cut_layer}" in report and "70.0 MB budget" in report
