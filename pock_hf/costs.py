@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .depth_cut import find_decoder_layers
-from .files import atomic_write_text, read_json_object
+from .files import atomic_write_text, check_format_version, read_json_object
 from .fingerprint import check_model_fingerprint, model_fingerprint
 from .sensitivity import layer_module_paths
 from .table import WHOLE_LAYER
@@ -105,12 +105,7 @@ class CostProfile:
     def from_json(cls, path: str | os.PathLike) -> CostProfile:
         source = os.fspath(path)
         data = read_json_object(path, "Cost profile")
-        if data.get("format_version") != COSTS_FORMAT_VERSION:
-            version = data.get("format_version")
-            raise ValueError(
-                f"{source}: cost-profile format version {version!r} is not supported (this pock_hf reads version "
-                f"{COSTS_FORMAT_VERSION}); profile the model again."
-            )
+        check_format_version(data, COSTS_FORMAT_VERSION, "cost-profile", source, "profile the model again")
         try:
             return cls(**data)
         except TypeError as error:

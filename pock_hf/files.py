@@ -37,3 +37,13 @@ def read_json_object(path: str | os.PathLike, what: str) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{what} {source!r} must hold a JSON object, got {type(data).__name__}.")
     return data
+
+
+def check_format_version(data: dict, expected: int, what: str, source: str, remedy: str) -> None:
+    """`ValueError` naming `source`, the version found and the one this pock_hf reads, unless they match."""
+    version = data.get("format_version")
+    if version != expected:
+        raise ValueError(
+            f"{source}: {what} format version {version!r} is not supported (this pock_hf reads version {expected}); "
+            f"{remedy}."
+        )

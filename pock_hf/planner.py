@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .files import atomic_write_text, read_json_object
+from .files import atomic_write_text, check_format_version, read_json_object
 from .table import WHOLE_LAYER, SensitivityTable
 from .tuner import PockConfig
 from .tuner.config import CHANNEL_AXES
@@ -95,12 +95,7 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "plan") -> Plan:
-        version = data.get("format_version")
-        if version != PLAN_FORMAT_VERSION:
-            raise ValueError(
-                f"{source}: plan format version {version!r} is not supported (this pock_hf reads version "
-                f"{PLAN_FORMAT_VERSION}); plan again with this version."
-            )
+        check_format_version(data, PLAN_FORMAT_VERSION, "plan", source, "plan again with this version")
         try:
             fields = dict(data)
             fields["units"] = [(int(layer), str(module), float(ratio)) for layer, module, ratio in data["units"]]

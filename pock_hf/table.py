@@ -12,7 +12,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .files import atomic_write_text, read_json_object
+from .files import atomic_write_text, check_format_version, read_json_object
 from .fingerprint import check_model_fingerprint, model_fingerprint
 
 TABLE_FORMAT_VERSION = 1
@@ -83,12 +83,9 @@ class SensitivityTable:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "table") -> SensitivityTable:
-        version = data.get("format_version")
-        if version != TABLE_FORMAT_VERSION:
-            raise ValueError(
-                f"{source}: sensitivity-table format version {version!r} is not supported (this pock_hf reads "
-                f"version {TABLE_FORMAT_VERSION}); measure the table again with this version."
-            )
+        check_format_version(
+            data, TABLE_FORMAT_VERSION, "sensitivity-table", source, "measure the table again with this version"
+        )
         try:
             rows = [SensitivityRow(**row) for row in data["rows"]]
             fields = {k: v for k, v in data.items() if k != "rows"}
