@@ -52,7 +52,8 @@ def test_planted_unit_ranks_first(method):
     assert ranked[0].gain > 0
     for row in table.rows:
         if row.layer != PLANTED_LAYER or row.module.startswith("self_attn"):
-            assert row.gain == pytest.approx(0.0, abs=1e-9), row
+            # zero up to float rounding: the baseline uses the stock loss, trials the (equal) label-only loss
+            assert row.gain == pytest.approx(0.0, abs=1e-5), row
 
 
 def test_layer_granularity_ranks_the_planted_layer_first():

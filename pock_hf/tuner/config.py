@@ -67,6 +67,12 @@ class PockConfig(PeftConfig):
         gradient_checkpointing (`bool`):
             Turn on activation checkpointing (non-reentrant) when the adapter is created. Checkpointing never applies
             below the depth cut, whoever turns it on.
+        label_only_loss (`bool`):
+            When the wrapped model is called with `labels`, compute the LM head and the loss only at labelled
+            positions, in chunks of `loss_chunk_size`, so full logits never exist (`.logits` is then None). Same loss
+            and gradients as the stock path. Set False to get the stock loss and logits.
+        loss_chunk_size (`int`):
+            Positions per chunk of the label-only loss; at most one chunk's logits (chunk x vocab) exist at a time.
         init_weights (`bool`):
             Start the deltas at zero (the wrapped model equals the base). `False` starts them at small random values,
             for tests only.
@@ -95,6 +101,10 @@ class PockConfig(PeftConfig):
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Enable activation checkpointing above the depth cut when wrapping."}
     )
+    label_only_loss: bool = field(
+        default=True, metadata={"help": "With labels, run the LM head and loss only at labelled positions, chunked."}
+    )
+    loss_chunk_size: int = field(default=1024, metadata={"help": "Positions per chunk of the label-only loss."})
     init_weights: bool = field(
         default=True, metadata={"help": "Zero-initialise the deltas; False gives random deltas (tests only)."}
     )
@@ -124,6 +134,12 @@ class PockConfig(PeftConfig):
             raise ValueError(
                 f"`channel_selection` is {self.channel_selection!r}; valid values are {CHANNEL_SELECTIONS}."
             )
+        if (
+            isinstance(self.loss_chunk_size, bool)
+            or not isinstance(self.loss_chunk_size, int)
+            or self.loss_chunk_size < 1
+        ):
+            raise ValueError(f"`loss_chunk_size` must be a positive integer, got {self.loss_chunk_size!r}.")
         for name in self.channel_indices or {}:
             if name not in self.scheme:
                 raise ValueError(f"`channel_indices` names {name!r}, which is not in the scheme.")

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..depth_cut import DepthCut, compute_cut, find_decoder_layers, install_depth_cut, layer_index_of, remove_depth_cut
 from ..fingerprint import architecture_fingerprint, check_fingerprint
+from ..loss import install_label_only_loss, remove_label_only_loss
 from .config import PockConfig
 from .layer import Linear, PockLayer
 from .sparse_backward import channel_count, select_channels
@@ -162,6 +163,8 @@ class PockModel(BaseTuner):
             model.register_forward_pre_hook(self._before_forward),
             model.register_forward_hook(self._after_forward),
         ]
+        if config.label_only_loss and hasattr(model, "get_output_embeddings") and model.get_output_embeddings():
+            install_label_only_loss(model, config.loss_chunk_size)
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -231,6 +234,7 @@ class PockModel(BaseTuner):
 
     def _unload_and_optionally_merge(self, *args, **kwargs):
         remove_depth_cut(find_decoder_layers(self.model)[1])
+        remove_label_only_loss(self.model)
         for handle in self._forward_hook_handles:
             handle.remove()
         return super()._unload_and_optionally_merge(*args, **kwargs)
