@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-SETUPS = ("full", "lora", "lora_gc", "pock")
+SETUPS = ("full", "lora", "lora_gc", "pock_stock_loss", "pock")
 ALPACA = Path(__file__).resolve().parents[2] / "shared" / "data" / "instruct" / "alpaca_5000.json"
 
 
@@ -33,7 +33,8 @@ def pock_scheme(num_layers: int, last: int = 4, ratio: float = 0.25) -> dict[str
 
 
 def build(setup: str, model):
-    """The model to train under `setup` (all parameters, LoRA r=8 on all linears, or the Pock scheme)."""
+    """The model to train under `setup` (all parameters, LoRA r=8 on all linears, or the Pock scheme with or without
+    the label-only loss)."""
     from peft import LoraConfig, get_peft_model
 
     from pock_hf import PockConfig, get_pock_model
@@ -47,7 +48,9 @@ def build(setup: str, model):
         if setup == "lora_gc":
             lora.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return lora
-    return get_pock_model(model, PockConfig(scheme=pock_scheme(model.config.num_hidden_layers)))
+    # "pock_stock_loss" turns the label-only loss off, to show what it adds
+    config = PockConfig(scheme=pock_scheme(model.config.num_hidden_layers), label_only_loss=setup == "pock")
+    return get_pock_model(model, config)
 
 
 def batches(tokenizer, data: Path, batch: int, max_length: int, count: int) -> list[dict]:
@@ -87,7 +90,7 @@ def run_one(args) -> dict:
         "step_s": step,
         "tokens_per_s": args.batch * args.max_length / step,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "cut_layer": getattr(model, "cut_layer", None) if args.setup == "pock" else None,
+        "cut_layer": getattr(model, "cut_layer", None) if args.setup.startswith("pock") else None,
     }
 
 
