@@ -25,6 +25,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .forward_patch import patch_forward, unpatch_forward
+
+CUT_TAG = "_pock_forward_before_depth_cut"
+
 
 @dataclass
 class DepthCut:
@@ -75,26 +79,15 @@ def compute_cut(named_parameters: Iterable[tuple[str, nn.Parameter]], layers_nam
 def install_depth_cut(layers: nn.ModuleList, cut: DepthCut) -> None:
     """Wrap each decoder layer's forward so that it obeys `cut` (read at call time). Idempotent."""
     for index, layer in enumerate(layers):
-        remove_depth_cut_from(layer)
-        layer._pock_original_forward = layer.__dict__.get("forward")
-        layer.forward = _cut_forward(layer, layer.forward, index, cut)
+        patch_forward(
+            layer, CUT_TAG, lambda forward, layer=layer, index=index: _cut_forward(layer, forward, index, cut)
+        )
 
 
 def remove_depth_cut(layers: nn.ModuleList) -> None:
     """Restore every layer's own forward."""
     for layer in layers:
-        remove_depth_cut_from(layer)
-
-
-def remove_depth_cut_from(layer: nn.Module) -> None:
-    if "_pock_original_forward" not in layer.__dict__:
-        return
-    original = layer.__dict__.pop("_pock_original_forward")
-    # an instance-level forward that was there before (e.g. accelerate's device hooks) is put back
-    if original is None:
-        del layer.forward
-    else:
-        layer.forward = original
+        unpatch_forward(layer, CUT_TAG)
 
 
 def _cut_forward(layer: nn.Module, forward, index: int, cut: DepthCut):

@@ -18,9 +18,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .forward_patch import patch_forward, unpatch_forward
+
 IGNORE_INDEX = -100
 # keyword arguments of a causal LM's forward that the decoder stack does not take
 HEAD_ONLY_KWARGS = ("labels", "logits_to_keep", "num_items_in_batch", "return_dict")
+LOSS_TAG = "_pock_forward_before_label_only_loss"
 
 
 def _chunk_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
@@ -61,36 +64,32 @@ def label_only_loss(
 def install_label_only_loss(model: nn.Module, chunk_size: int = 1024) -> None:
     """Make `model` (a transformers causal LM) compute its loss with `label_only_loss` whenever it is called with
     labels; `.logits` is then None. Calls without labels (generation, evaluation) run the model's own forward."""
-    remove_label_only_loss(model)
-    original = model.forward
     head = model.get_output_embeddings()
     decoder = model.get_decoder()
 
-    @functools.wraps(original)
-    def forward(*args, **kwargs):
-        labels = kwargs.get("labels")
-        if labels is None:
-            return original(*args, **kwargs)
-        outputs = decoder(*args, **{k: v for k, v in kwargs.items() if k not in HEAD_ONLY_KWARGS})
-        loss = label_only_loss(
-            outputs.last_hidden_state,
-            labels,
-            head,
-            chunk_size=chunk_size,
-            num_items_in_batch=kwargs.get("num_items_in_batch"),
-        )
-        return CausalLMOutputWithPast(loss=loss, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+    def make_forward(original):
+        @functools.wraps(original)
+        def forward(*args, **kwargs):
+            labels = kwargs.get("labels")
+            if labels is None:
+                return original(*args, **kwargs)
+            outputs = decoder(*args, **{k: v for k, v in kwargs.items() if k not in HEAD_ONLY_KWARGS})
+            loss = label_only_loss(
+                outputs.last_hidden_state,
+                labels,
+                head,
+                chunk_size=chunk_size,
+                num_items_in_batch=kwargs.get("num_items_in_batch"),
+            )
+            return CausalLMOutputWithPast(
+                loss=loss, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+            )
 
-    model._pock_forward_before_label_only_loss = model.__dict__.get("forward")
-    model.forward = forward
+        return forward
+
+    patch_forward(model, LOSS_TAG, make_forward)
 
 
 def remove_label_only_loss(model: nn.Module) -> None:
     """Give `model` its own forward back (a no-op if `install_label_only_loss` was not applied)."""
-    if "_pock_forward_before_label_only_loss" not in model.__dict__:
-        return
-    previous = model.__dict__.pop("_pock_forward_before_label_only_loss")
-    if previous is None:
-        del model.forward
-    else:
-        model.forward = previous
+    unpatch_forward(model, LOSS_TAG)
