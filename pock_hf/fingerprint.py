@@ -29,8 +29,9 @@ def architecture_fingerprint(model: nn.Module, module_names: Iterable[str]) -> d
     shapes = {}
     for name in sorted(module_names):
         module = model.get_submodule(name)
-        weight = module.get_base_layer().weight if hasattr(module, "get_base_layer") else module.weight
-        shapes[name] = list(weight.shape)
+        base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+        # the logical [out, in], not weight.shape, which quantized weights pack differently
+        shapes[name] = [base.out_features, base.in_features]
     canonical = json.dumps({"config": architecture, "shapes": shapes}, sort_keys=True)
     return {"config": architecture, "shapes": shapes, "digest": hashlib.sha256(canonical.encode()).hexdigest()[:16]}
 
