@@ -8,9 +8,29 @@ import warnings
 from peft import PeftModel, get_peft_model
 from torch import nn
 
+from .costs import CostProfile, profile_costs
+from .optim_in_backward import OptimizerInBackward
+from .planner import Plan, make_plan, plan_scheme
+from .sensitivity import gradient_channel_indices, measure_sensitivity
+from .table import SensitivityRow, SensitivityTable
 from .tuner import PockConfig, PockModel, UpdatedModule
 
-__all__ = ["PockConfig", "PockModel", "UpdatedModule", "get_pock_model"]
+__all__ = [
+    "CostProfile",
+    "OptimizerInBackward",
+    "Plan",
+    "PockConfig",
+    "PockModel",
+    "SensitivityRow",
+    "SensitivityTable",
+    "UpdatedModule",
+    "get_pock_model",
+    "gradient_channel_indices",
+    "make_plan",
+    "measure_sensitivity",
+    "plan_scheme",
+    "profile_costs",
+]
 
 
 def get_pock_model(model: nn.Module, config: PockConfig, adapter_name: str = "default") -> PeftModel:
