@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "commonsense"
 
@@ -68,23 +67,13 @@ def cached_table(path: Path, measure):
 
 def train_and_validate(model, tokenizer, config, train, evaluation, args) -> float:
     """Validation loss after `args.compare_steps` AdamW steps of the Pock adapter `config` (model is unloaded after)."""
-    from pock_hf import get_pock_model
     from pock_hf.data import InstructionCollator
-    from pock_hf.sensitivity import evaluate_loss, fixed_batches
+    from pock_hf.sensitivity import fixed_batches, trial_loss
 
     collate = InstructionCollator(pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(args.seed)
-    wrapped = get_pock_model(model, config)
-    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
-    wrapped.train()
-    for batch in fixed_batches(train, collate, args.batch_size, args.compare_steps, args.seed):
-        wrapped(**batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    train_batches = fixed_batches(train, collate, args.batch_size, args.compare_steps, args.seed)
     eval_batches = [collate(evaluation[i : i + args.batch_size]) for i in range(0, len(evaluation), args.batch_size)]
-    loss = evaluate_loss(wrapped, eval_batches)
-    wrapped.unload()
-    return loss
+    return trial_loss(model, config, train_batches, eval_batches, args.lr, args.seed)
 
 
 def main() -> None:

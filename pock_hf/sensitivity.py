@@ -161,22 +161,31 @@ def measure_sensitivity(
     return table
 
 
-def _measure(model, table, units, ratios, train_batches, eval_batches, lr, axis, seed, progress) -> None:
+def trial_loss(
+    model: nn.Module, config: PockConfig, train_batches: list[dict], eval_batches: list[dict], lr: float, seed: int
+) -> float:
+    """Validation loss after training the Pock adapter `config` on `train_batches` (one AdamW step each, learning
+    rate `lr`). The base model comes back untouched: the adapter is unloaded, and the deltas lived beside the weights."""
     from . import get_pock_model
 
+    torch.manual_seed(seed)
+    wrapped = get_pock_model(model, config)
+    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    wrapped.train()
+    for batch in train_batches:
+        wrapped(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    loss = evaluate_loss(wrapped, eval_batches)
+    wrapped.unload()
+    return loss
+
+
+def _measure(model, table, units, ratios, train_batches, eval_batches, lr, axis, seed, progress) -> None:
     trials = [(layer, module, ratio) for layer, module in units for ratio in ratios]
     for layer, module, ratio in tqdm(trials, desc="measuring sensitivity", unit="unit", disable=not progress):
-        torch.manual_seed(seed)
-        scheme = dict.fromkeys(table.module_names(layer, module), ratio)
-        wrapped = get_pock_model(model, PockConfig(scheme=scheme, channel_axis=axis))
-        optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-        wrapped.train()
-        for batch in train_batches:
-            wrapped(**batch).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        loss = evaluate_loss(wrapped, eval_batches)
-        wrapped.unload()  # gives the untouched base model back (the deltas lived beside the weights)
+        config = PockConfig(scheme=dict.fromkeys(table.module_names(layer, module), ratio), channel_axis=axis)
+        loss = trial_loss(model, config, train_batches, eval_batches, lr, seed)
         table.rows.append(
             SensitivityRow(layer, module, ratio, table.baseline - loss, "measured", len(train_batches), "loss")
         )

@@ -152,6 +152,7 @@ class PockModel(BaseTuner):
 
     def _post_injection_hook(self, model: nn.Module, config: PockConfig, adapter_name: str) -> None:
         self._layers_name, layers = find_decoder_layers(model)
+        self._num_layers = len(layers)
         self._depth_cut = DepthCut(layer=len(layers))
         self._backward_watch_pending = False
         self._backward_verified = False
@@ -172,8 +173,7 @@ class PockModel(BaseTuner):
 
     def refresh_cut(self) -> DepthCut:
         """Recompute the cut from the parameters that currently require grad (cheap: one pass over names)."""
-        _, layers = find_decoder_layers(self.model)
-        fresh = compute_cut(self.model.named_parameters(), self._layers_name, len(layers))
+        fresh = compute_cut(self.model.named_parameters(), self._layers_name, self._num_layers)
         self._depth_cut.layer, self._depth_cut.detach_input = fresh.layer, fresh.detach_input
         return self._depth_cut
 
@@ -201,7 +201,11 @@ class PockModel(BaseTuner):
         self.refresh_cut()
 
     def _after_forward(self, module: nn.Module, args: tuple, output) -> None:
-        if self.training and torch.is_grad_enabled() and not (self._backward_verified or self._backward_watch_pending):
+        if (
+            module.training
+            and torch.is_grad_enabled()
+            and not (self._backward_verified or self._backward_watch_pending)
+        ):
             self._watch_first_backward(output)
 
     def _watch_first_backward(self, output) -> None:
