@@ -51,30 +51,37 @@ class OptimizerInBackward:
             raise ValueError("No parameter requires grad: there is nothing to optimize.")
         self.accumulation_steps = accumulation_steps
         self.optimizers = {p: optimizer_class([p], **optimizer_kwargs) for p in self.parameters}
+        # one learning rate for all, read at each update, so a scheduler (or `set_lr`) can drive it between steps
+        self.param_groups = [{"params": self.parameters, "lr": self.optimizers[self.parameters[0]].defaults["lr"]}]
         self._passes = {p: 0 for p in self.parameters}
         self._handles = [p.register_post_accumulate_grad_hook(self._step) for p in self.parameters]
 
     def _step(self, parameter: nn.Parameter) -> None:
         self._passes[parameter] += 1
         if self._passes[parameter] % self.accumulation_steps == 0:
-            self.optimizers[parameter].step()
+            optimizer = self.optimizers[parameter]
+            optimizer.param_groups[0]["lr"] = self.param_groups[0]["lr"]
+            optimizer.step()
             self.optimizers[parameter].zero_grad(set_to_none=True)
 
     def set_lr(self, lr: float) -> None:
-        """Set the learning rate of every per-parameter optimizer (for a schedule driven by the training loop)."""
-        for optimizer in self.optimizers.values():
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+        """Set the learning rate of the next updates (for a schedule driven by the training loop)."""
+        self.param_groups[0]["lr"] = lr
 
-    def state_dict(self) -> list[dict]:
-        """The per-parameter optimizer states, in parameter order (for checkpoints)."""
-        return [self.optimizers[p].state_dict() for p in self.parameters]
+    def state_dict(self) -> dict:
+        """`{"lr": float, "optimizers": [per-parameter state, in parameter order]}` (for checkpoints)."""
+        return {
+            "lr": self.param_groups[0]["lr"],
+            "optimizers": [self.optimizers[p].state_dict() for p in self.parameters],
+        }
 
-    def load_state_dict(self, states: list[dict]) -> None:
+    def load_state_dict(self, state: dict) -> None:
+        states = state["optimizers"]
         if len(states) != len(self.parameters):
             raise ValueError(f"Expected {len(self.parameters)} optimizer states, got {len(states)}.")
-        for parameter, state in zip(self.parameters, states):
-            self.optimizers[parameter].load_state_dict(state)
+        for parameter, parameter_state in zip(self.parameters, states):
+            self.optimizers[parameter].load_state_dict(parameter_state)
+        self.param_groups[0]["lr"] = state["lr"]
 
     def detach(self) -> None:
         """Remove the hooks: backward then leaves gradients in `.grad` as usual."""

@@ -70,7 +70,7 @@ def test_state_round_trip_and_detach():
     states = in_backward.state_dict()
     other = OptimizerInBackward(wrapped().parameters(), **ADAMW)
     other.load_state_dict(states)
-    assert other.state_dict()[0]["state"][0]["step"] == 1
+    assert other.state_dict()["optimizers"][0]["state"][0]["step"] == 1
     in_backward.detach()
     model(**tiny_batch()).loss.backward()
     assert all(p.grad is not None for p in in_backward.parameters)

@@ -14,6 +14,7 @@ from .peft_type import POCK_PEFT_TYPE
 
 CHANNEL_AXES = ("out", "in")
 CHANNEL_SELECTIONS = ("first", "magnitude")
+FROZEN_QUANTIZATIONS = ("int8", "nf4")
 
 
 def load_scheme_file(path: str | os.PathLike) -> dict[str, float]:
@@ -73,6 +74,10 @@ class PockConfig(PeftConfig):
             and gradients as the stock path. Set False to get the stock loss and logits.
         loss_chunk_size (`int`):
             Positions per chunk of the label-only loss; at most one chunk's logits (chunk x vocab) exist at a time.
+        quantize_frozen (`"int8"`, `"nf4"` or None):
+            Hold the frozen weights of the decoder layers' linear modules in bitsandbytes 8-bit (LLM.int8) or 4-bit
+            NF4, as QLoRA does; the sparse deltas, their optimizer state and gradients stay in full precision. The LM
+            head and embeddings stay as they are. Merging dequantizes, adds the delta and quantizes again.
         init_weights (`bool`):
             Start the deltas at zero (the wrapped model equals the base). `False` starts them at small random values,
             for tests only.
@@ -105,6 +110,9 @@ class PockConfig(PeftConfig):
         default=True, metadata={"help": "With labels, run the LM head and loss only at labelled positions, chunked."}
     )
     loss_chunk_size: int = field(default=1024, metadata={"help": "Positions per chunk of the label-only loss."})
+    quantize_frozen: Literal["int8", "nf4"] | None = field(
+        default=None, metadata={"help": "Quantize the frozen decoder linear weights with bitsandbytes: int8 or nf4."}
+    )
     init_weights: bool = field(
         default=True, metadata={"help": "Zero-initialise the deltas; False gives random deltas (tests only)."}
     )
@@ -133,6 +141,10 @@ class PockConfig(PeftConfig):
         if self.channel_selection not in CHANNEL_SELECTIONS:
             raise ValueError(
                 f"`channel_selection` is {self.channel_selection!r}; valid values are {CHANNEL_SELECTIONS}."
+            )
+        if self.quantize_frozen is not None and self.quantize_frozen not in FROZEN_QUANTIZATIONS:
+            raise ValueError(
+                f"`quantize_frozen` is {self.quantize_frozen!r}; valid values are {FROZEN_QUANTIZATIONS} or None."
             )
         if (
             isinstance(self.loss_chunk_size, bool)
