@@ -9,6 +9,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from ..quantize import frozen_weight, set_frozen_weight
 from .sparse_backward import add_sparse_delta, delta_to_dense
 
 
@@ -46,7 +47,9 @@ class PockLayer(BaseTunerLayer):
             raise ValueError("Channel indices must not repeat.")
         weight = self.get_base_layer().weight
         shape = (indices.numel(), self.in_features) if axis == "out" else (self.out_features, indices.numel())
-        delta = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+        # a quantized base weight (int8 / packed NF4) gets a full-precision delta, as QLoRA's adapters are
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        delta = torch.zeros(shape, dtype=dtype, device=weight.device)
         if not init_weights:
             nn.init.normal_(delta, std=0.02)
         self.pock_delta[adapter_name] = nn.Parameter(delta)
@@ -80,19 +83,20 @@ class Linear(nn.Module, PockLayer):
             self.pock_delta[adapter],
             self.pock_indices[adapter],
             self.pock_axis[adapter],
-            self.get_base_layer().weight.shape,
+            # the logical shape: a quantized weight is stored packed
+            torch.Size((self.out_features, self.in_features)),
         )
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Add the active (or given) adapters' deltas into the base weight."""
+        """Add the active (or given) adapters' deltas into the base weight (a quantized one is dequantized, updated
+        in float32 and quantized again)."""
         for adapter in check_adapters_to_merge(self, adapter_names):
             if adapter not in self.pock_delta:
                 continue
-            weight = self.get_base_layer().weight
-            merged = weight.data + self.get_delta_weight(adapter).to(weight.dtype)
+            merged = self._base_weight_plus(self.get_delta_weight(adapter))
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
-            weight.data = merged
+            set_frozen_weight(self.get_base_layer(), merged)
             self.merged_adapters.append(adapter)
 
     def unmerge(self) -> None:
@@ -103,8 +107,11 @@ class Linear(nn.Module, PockLayer):
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
             if adapter in self.pock_delta:
-                weight = self.get_base_layer().weight
-                weight.data -= self.get_delta_weight(adapter).to(weight.dtype)
+                set_frozen_weight(self.get_base_layer(), self._base_weight_plus(-self.get_delta_weight(adapter)))
+
+    def _base_weight_plus(self, update: torch.Tensor) -> torch.Tensor:
+        weight = frozen_weight(self.get_base_layer())  # float32 when quantized
+        return weight + update.to(weight.dtype)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters:

@@ -12,6 +12,7 @@ from torch import nn
 from ..depth_cut import DepthCut, compute_cut, find_decoder_layers, install_depth_cut, layer_index_of, remove_depth_cut
 from ..fingerprint import architecture_fingerprint, check_fingerprint
 from ..loss import install_label_only_loss, remove_label_only_loss
+from ..quantize import frozen_weight, quantize_frozen_linears
 from .config import PockConfig
 from .layer import Linear, PockLayer
 from .sparse_backward import channel_count, select_channels
@@ -141,7 +142,8 @@ class PockModel(BaseTuner):
         if given is not None:
             indices = torch.tensor(sorted(given), dtype=torch.long)
         else:
-            indices = select_channels(base.weight, channel_count(ratio, channels), axis, peft_config.channel_selection)
+            weight = frozen_weight(base)
+            indices = select_channels(weight, channel_count(ratio, channels), axis, peft_config.channel_selection)
         if isinstance(target, Linear):
             target.update_layer(adapter_name, ratio, axis, indices, init_weights=peft_config.init_weights)
             return
@@ -157,6 +159,9 @@ class PockModel(BaseTuner):
         self._backward_watch_pending = False
         self._backward_verified = False
         install_depth_cut(layers, self._depth_cut)
+        if config.quantize_frozen:
+            # after injection, so channels were chosen on the full-precision weights
+            quantize_frozen_linears(layers, config.quantize_frozen)
         # Hooks on the transformers model itself, because PeftModel (no task type) calls it directly, not us.
         for handle in getattr(self, "_forward_hook_handles", []):
             handle.remove()
