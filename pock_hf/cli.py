@@ -5,7 +5,8 @@
     pock plan --table table.json --costs costs.json --budget-mb 3000 --out scheme.json
     pock plan --table table.json --costs costs.json --device jetson-orin-nano-8gb --out scheme.json
 
-User mistakes print one clear message and exit with status 2; `--debug` shows the traceback.
+User mistakes print one clear message and exit with status 2; `--debug` shows the traceback. An interrupted
+`pock sensitivity` resumes from `OUT.partial.json` when run again with the same arguments.
 """
 
 from __future__ import annotations
@@ -23,6 +24,31 @@ def parse_floats(text: str) -> list[float]:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def partial_path(out: Path) -> Path:
+    """Where `pock sensitivity --out OUT` keeps the measurement in progress: `OUT` with `.partial.json`."""
+    return out.with_suffix(".partial.json")
 
 
 def parse_layers(text: str) -> list[int]:
@@ -48,29 +74,44 @@ def build_parser() -> argparse.ArgumentParser:
     sens.add_argument("--model", default=None, help="hub id or local path; default: embedded SmolLM2-135M-Instruct")
     sens.add_argument("--data", type=Path, required=True, help="training rows (Alpaca or chat JSON/JSONL)")
     sens.add_argument("--eval-data", type=Path, help="validation rows; default: the last --eval-rows of --data")
-    sens.add_argument("--eval-rows", type=int, default=32, help="rows held out of --data when --eval-data is absent")
-    sens.add_argument("--max-rows", type=int, help="use only the first N training rows")
-    sens.add_argument("--out", type=Path, required=True, help="table JSON; CSV, PNG and costs.json go beside it")
+    sens.add_argument(
+        "--eval-rows", type=positive_int, default=32, help="rows held out of --data when --eval-data is absent"
+    )
+    sens.add_argument("--max-rows", type=positive_int, help="use only the first N training rows")
+    sens.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="table JSON; CSV, PNG and costs.json go beside it. Progress is kept in OUT.partial.json: an interrupted "
+        "run resumes from it when started again with the same arguments",
+    )
+    sens.add_argument(
+        "--trust-remote-code", action="store_true", help="run the model repository's own Python code (off by default)"
+    )
     sens.add_argument("--method", choices=("measured", "proxy"), default="measured")
     sens.add_argument("--granularity", choices=("module", "layer"), default="layer")
     sens.add_argument("--ratios", type=parse_floats, default=parse_floats(DEFAULT_RATIOS))
     sens.add_argument("--modules", help="comma-separated module paths inside a layer, e.g. mlp.up_proj,mlp.down_proj")
     sens.add_argument("--layers", type=parse_layers, help="layer indices, e.g. 20-29 (default: all)")
-    sens.add_argument("--steps", type=int, default=8, help="fine-tuning steps per unit (proxy: backward passes)")
-    sens.add_argument("--lr", type=float, default=1e-3)
-    sens.add_argument("--batch-size", type=int, default=8)
-    sens.add_argument("--max-length", type=int, default=256)
+    sens.add_argument(
+        "--steps", type=positive_int, default=8, help="fine-tuning steps per unit (proxy: backward passes)"
+    )
+    sens.add_argument("--lr", type=positive_float, default=1e-3)
+    sens.add_argument("--batch-size", type=positive_int, default=8)
+    sens.add_argument("--max-length", type=positive_int, default=256)
     sens.add_argument("--seed", type=int, default=0)
     sens.add_argument("--no-costs", action="store_true", help="skip profiling this device's costs")
-    sens.add_argument("--profile-batch", type=int, default=4, help="batch size of the cost profile")
-    sens.add_argument("--profile-seq", type=int, default=128, help="sequence length of the cost profile")
+    sens.add_argument("--profile-batch", type=positive_int, default=4, help="batch size of the cost profile")
+    sens.add_argument("--profile-seq", type=positive_int, default=128, help="sequence length of the cost profile")
 
     plan = commands.add_parser("plan", help="choose the scheme with the best gain under a budget")
     plan.add_argument("--table", type=Path, required=True)
     plan.add_argument("--costs", type=Path, required=True)
     budget = plan.add_argument_group("budget (at least one)")
-    budget.add_argument("--budget-mb", type=float, help="peak training memory budget in MB")
-    budget.add_argument("--budget-time-ratio", type=float, help="step time as a fraction of a full fine-tuning step")
+    budget.add_argument("--budget-mb", type=positive_float, help="peak training memory budget in MB")
+    budget.add_argument(
+        "--budget-time-ratio", type=positive_float, help="step time as a fraction of a full fine-tuning step"
+    )
     budget.add_argument("--device", help="memory budget of a device preset (see `pock plan --help`)")
     plan.add_argument("--axis", choices=("out", "in"), default="out")
     plan.add_argument("--out", type=Path, required=True, help="scheme JSON; the report (.md) and plot (.png) beside")
@@ -91,7 +132,10 @@ def run_sensitivity(args: argparse.Namespace) -> None:
     else:
         train_rows, eval_rows = rows[: -args.eval_rows], rows[-args.eval_rows :]
     train_rows = train_rows[: args.max_rows] if args.max_rows else train_rows
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    partial = partial_path(args.out)
+    if partial.exists():
+        print(f"Resuming the measurement kept in {partial}.")
     started = time.perf_counter()
     table = measure_sensitivity(
         model,
@@ -108,13 +152,15 @@ def run_sensitivity(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         max_length=args.max_length,
         seed=args.seed,
+        resume_path=partial,
     )
-    table.settings["seconds"] = time.perf_counter() - started
+    table.settings["seconds"] = time.perf_counter() - started  # of this run only, when it resumed
     outputs = [
         table.to_json(args.out),
         table.to_csv(args.out.with_suffix(".csv")),
         table.plot_heatmap(args.out.with_suffix(".png")),
     ]
+    partial.unlink(missing_ok=True)  # only now: the finished table is on disk
     if not args.no_costs:
         costs = profile_costs(model, batch_size=args.profile_batch, seq_len=args.profile_seq)
         outputs.append(costs.to_json(args.out.parent / "costs.json"))
@@ -156,11 +202,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         {"sensitivity": run_sensitivity, "plan": run_plan}[args.command](args)
-    except (ValueError, FileNotFoundError, ImportError) as error:
+    except (ValueError, OSError, ImportError) as error:  # OSError: missing, unreadable or unwritable files
         if args.debug:
             raise
         print(f"pock {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        resume = " Run the same command again to resume." if args.command == "sensitivity" else ""
+        print(f"pock {args.command}: interrupted.{resume}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .depth_cut import find_decoder_layers
-from .files import atomic_write_text, check_format_version, read_json_object
+from .files import atomic_write_text, check_format_version, dataclass_from_json, read_json_object
 from .fingerprint import check_model_fingerprint, model_fingerprint
 from .sensitivity import layer_module_paths
 from .table import WHOLE_LAYER
@@ -103,13 +103,36 @@ class CostProfile:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> CostProfile:
+        """The profile in `path`, every field type-checked and the per-cut lists checked against `num_layers`.
+
+        Raises:
+            ValueError: naming the file and the field: not JSON, another format version, a missing, unknown or
+                mistyped field, inconsistent lengths or non-positive sizes and times.
+        """
         source = os.fspath(path)
         data = read_json_object(path, "Cost profile")
         check_format_version(data, COSTS_FORMAT_VERSION, "cost-profile", source, "profile the model again")
-        try:
-            return cls(**data)
-        except TypeError as error:
-            raise ValueError(f"{source}: not a cost profile ({error}).") from None
+        profile = dataclass_from_json(cls, data, source)
+        profile._check_consistent(source)
+        return profile
+
+    def _check_consistent(self, source: str) -> None:
+        """What the planner relies on beyond field types: one entry per cut depth, positive sizes and times."""
+        if self.num_layers < 1 or self.batch_size < 1 or self.seq_len < 1 or self.bytes_per_value < 1:
+            raise ValueError(f"{source}: num_layers, batch_size, seq_len and bytes_per_value must be positive.")
+        for name in ("step_s_by_cut", "activation_mb_by_cut"):
+            if len(getattr(self, name)) != self.num_layers:
+                raise ValueError(
+                    f"{source}: field {name!r} has {len(getattr(self, name))} entries; num_layers is {self.num_layers}."
+                )
+        if not self.full_step_s > 0:
+            raise ValueError(f"{source}: field 'full_step_s' must be a positive time in seconds.")
+        for module, shape in self.module_shapes.items():
+            if len(shape) != 2 or min(shape) < 1:
+                raise ValueError(f"{source}: field 'module_shapes[{module!r}]' must be [out, in], got {shape}.")
+        missing = sorted(set(self.module_shapes) - set(self.unit_extra_s))
+        if missing:
+            raise ValueError(f"{source}: field 'unit_extra_s' has no entry for {missing[0]!r}.")
 
 
 # --- the profiler ----------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from datasets import load_dataset
+from datasets.exceptions import DatasetsError
 from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
@@ -54,16 +55,37 @@ def load_instruction_rows(path: str | os.PathLike) -> list[dict]:
         raise FileNotFoundError(f"Instruction data file not found: {path}")
     if path.suffix not in SUFFIXES:
         raise DataFormatError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(SUFFIXES)}")
-    text = path.read_text(encoding="utf-8")
+    text = _read_utf8(path)
     if not text.strip():
         raise DataFormatError(f"{path}: the file is empty")
     parsed = _parse_jsonl(text, path) if path.suffix == ".jsonl" else _parse_json(text, path)
     for where, row in parsed:
         check_row(row, where)
     with tempfile.TemporaryDirectory(prefix="pock_hf-datasets-") as cache_dir:
-        dataset = load_dataset("json", data_files=str(path), split="train", cache_dir=cache_dir)
+        try:
+            dataset = load_dataset("json", data_files=str(path), split="train", cache_dir=cache_dir)
+        except DatasetsError as error:  # e.g. an integer too large for Arrow in a field pock_hf does not use
+            cause = error.__cause__ or error
+            raise DataFormatError(f"{path}: the datasets library cannot read this file: {cause}") from error
         rows = dataset.to_list()
     return [{key: value for key, value in row.items() if value is not None} for row in rows]
+
+
+def _read_utf8(path: Path) -> str:
+    """The file's text; a UTF-8 byte-order mark (Windows editors write one) is dropped.
+
+    Raises:
+        DataFormatError: the file is not UTF-8 (named with the line and byte of the first bad byte).
+    """
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise DataFormatError(
+            f"{path}, line {line}: not UTF-8 text (byte {error.start} is {raw[error.start : error.start + 1]!r}); "
+            "save the file as UTF-8"
+        ) from None
 
 
 def _parse_json(text: str, path: Path) -> list[tuple[str, object]]:
@@ -85,7 +107,8 @@ def _parse_json(text: str, path: Path) -> list[tuple[str, object]]:
 def _parse_jsonl(text: str, path: Path) -> list[tuple[str, object]]:
     """`(where, row)` pairs of a JSON Lines text, blank lines skipped; `where` names the file and 1-based line number."""
     parsed = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # split on newlines only: str.splitlines also splits at U+2028 and other characters JSON strings may hold
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -112,18 +135,31 @@ def check_row(row: object, where: str = "row") -> str:
     if "instruction" not in row and "output" not in row:
         raise DataFormatError(
             f"{where}: missing field 'instruction' (Alpaca rows need 'instruction' and 'output', chat rows need "
-            f"'messages'); found fields {sorted(row)}"
+            f"'messages'); found fields {sorted(row, key=str)}"
         )
     for field in ("instruction", "output"):
         if field not in row:
             raise DataFormatError(f"{where}: missing field {field!r}")
-        if not isinstance(row[field], str):
-            raise DataFormatError(f"{where}: field {field!r} must be a string, got {type(row[field]).__name__}")
+        _check_text(row[field], where, field)
     if not row["instruction"].strip():
         raise DataFormatError(f"{where}: field 'instruction' is empty")
-    if row.get("input") is not None and not isinstance(row["input"], str):
-        raise DataFormatError(f"{where}: field 'input' must be a string, got {type(row['input']).__name__}")
+    if row.get("input") is not None:
+        _check_text(row["input"], where, "input")
     return "alpaca"
+
+
+def _check_text(value: object, where: str, field: str) -> None:
+    """Raise `DataFormatError` unless `value` is a string of valid Unicode (JSON can spell unpaired surrogates such as
+    "\\ud800", which no tokenizer can encode and `datasets` would silently drop)."""
+    if not isinstance(value, str):
+        raise DataFormatError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise DataFormatError(
+            f"{where}: field {field!r} holds an unpaired surrogate {value[error.start]!r} at character {error.start}, "
+            "which is not text"
+        ) from None
 
 
 def _check_messages(messages: object, where: str) -> None:
@@ -139,6 +175,7 @@ def _check_messages(messages: object, where: str) -> None:
             raise DataFormatError(f"{where}: field '{field}.role' must be one of {ROLES}, got {message.get('role')!r}")
         if not isinstance(message.get("content"), str):
             raise DataFormatError(f"{where}: field '{field}.content' must be a string, got {message.get('content')!r}")
+        _check_text(message["content"], where, f"{field}.content")
         if message["role"] == "assistant" and not seen_user:
             raise DataFormatError(f"{where}: field {field!r} is an assistant turn before any user turn")
         seen_user = seen_user or message["role"] == "user"

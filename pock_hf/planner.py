@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .files import atomic_write_text, check_format_version, read_json_object
+from .files import atomic_write_text, check_format_version, dataclass_from_json, read_json_object, save_figure
 from .table import WHOLE_LAYER, SensitivityTable
 from .tuner import PockConfig
 from .tuner.config import CHANNEL_AXES
@@ -95,13 +95,13 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "plan") -> Plan:
+        """The plan in `data` (what `to_dict` gives), every field type-checked.
+
+        Raises:
+            ValueError: naming `source` and the field: another format version, a missing, unknown or mistyped field.
+        """
         check_format_version(data, PLAN_FORMAT_VERSION, "plan", source, "plan again with this version")
-        try:
-            fields = dict(data)
-            fields["units"] = [(int(layer), str(module), float(ratio)) for layer, module, ratio in data["units"]]
-            return cls(**fields)
-        except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"{source}: not a plan ({error}).") from None
+        return dataclass_from_json(cls, data, source)
 
     def to_json(self, path: str | os.PathLike) -> Path:
         """Write the plan as JSON (atomically): `{"scheme": {...}, "predicted_gain": ..., ...}`.
@@ -209,11 +209,7 @@ def plot_gain_vs_budget(
     ax.set_title(f"Pock plans on {costs.device}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 def plan_report(plan: Plan, costs: CostProfile) -> str:

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import random
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -30,13 +33,19 @@ METHODS = ("measured", "proxy")
 GRANULARITIES = ("module", "layer")
 
 
-def as_examples(data: Sequence[dict], tokenizer, max_length: int) -> list[dict]:
-    """Tokenized examples from instruction rows (Alpaca / chat), or `data` itself if it is already tokenized."""
-    if data and "input_ids" in data[0]:
+def as_examples(data: Sequence[dict], tokenizer, max_length: int, what: str = "training") -> list[dict]:
+    """Tokenized examples from instruction rows (Alpaca / chat), or `data` itself if it is already tokenized.
+
+    Raises:
+        ValueError: no rows, or every row dropped by tokenization (the message gives the counts and `what` data).
+    """
+    if not data:
+        raise ValueError(f"The {what} data holds no rows.")
+    if "input_ids" in data[0]:
         return list(data)
-    examples, _ = tokenize_rows(list(data), tokenizer, max_length=max_length)
+    examples, report = tokenize_rows(list(data), tokenizer, max_length=max_length)
     if not examples:
-        raise ValueError("No usable example left after tokenization (every row was dropped); check the data file.")
+        raise ValueError(f"No usable {what} example left after tokenization ({report}); raise max_length.")
     return examples
 
 
@@ -64,9 +73,12 @@ def evaluate_loss(model: nn.Module, batches: list[dict]) -> float:
     total, tokens = 0.0, 0
     for batch in batches:
         count = int((batch["labels"][:, 1:] != -100).sum())
-        total += model(**batch).loss.item() * count
-        tokens += count
+        if count:
+            total += model(**batch).loss.item() * count
+            tokens += count
     model.train(was_training)
+    if not tokens:
+        raise ValueError("The validation data has no labelled token to measure a loss on.")
     return total / tokens
 
 
@@ -99,6 +111,7 @@ def measure_sensitivity(
     axis: str = "out",
     seed: int = 0,
     progress: bool = True,
+    resume_path: str | os.PathLike | None = None,
 ) -> SensitivityTable:
     """Build a `SensitivityTable` for `model` (a plain transformers model, not yet wrapped).
 
@@ -108,8 +121,16 @@ def measure_sensitivity(
     per unit; proxy mode uses `steps` backward passes in total. Deterministic given `seed`. The model is returned to
     its original state (weights, requires_grad) afterwards.
 
+    With `resume_path`, the table measured so far is written there atomically after the baseline and after every
+    unit, and the units an existing file at that path already holds are taken from it instead of being measured
+    again, so a measurement killed at any moment continues where it stopped and gives the same table. Proxy mode
+    measures all units in one pass: there the file is reused only when complete. The caller deletes the file once
+    the finished table is saved elsewhere.
+
     Raises:
-        ValueError: unknown method, granularity, module path or layer index, ratio outside (0, 1].
+        ValueError: unknown method, granularity, module path or layer index, ratio outside (0, 1], non-positive
+            steps, batch size, max length or learning rate, data with nothing to learn from, or a `resume_path` file
+            made with another model, data or settings (the message names what differs).
     """
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not one of {METHODS}.")
@@ -117,15 +138,20 @@ def measure_sensitivity(
         raise ValueError(f"granularity {granularity!r} is not one of {GRANULARITIES}.")
     if not ratios or any(not 0 < r <= 1 for r in ratios):
         raise ValueError(f"ratios must be in (0, 1], got {list(ratios)}.")
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("max_length", max_length)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}.")
     layers_name, stack = find_decoder_layers(model)
     layer_modules = layer_module_paths(model, layers_name, modules)
     layers = list(range(len(stack))) if layers is None else list(layers)
-    if any(not 0 <= layer < len(stack) for layer in layers):
+    if not layers or any(not 0 <= layer < len(stack) for layer in layers):
         raise ValueError(f"layers must be in [0, {len(stack)}), got {layers}.")
 
     collate = InstructionCollator(pad_token_id=tokenizer.pad_token_id if tokenizer is not None else 0)
-    train = as_examples(train_data, tokenizer, max_length)
-    evaluation = as_examples(eval_data, tokenizer, max_length)
+    train = as_examples(train_data, tokenizer, max_length, "training")
+    evaluation = as_examples(eval_data, tokenizer, max_length, "validation")
     train_batches = fixed_batches(train, collate, batch_size, steps, seed)
     eval_batches = [collate(evaluation[i : i + batch_size]) for i in range(0, len(evaluation), batch_size)]
     unit_modules = [WHOLE_LAYER] if granularity == "layer" else list(layer_modules)
@@ -138,6 +164,7 @@ def measure_sensitivity(
         settings={
             "method": method,
             "ratios": list(ratios),
+            "layers": layers,
             "granularity": granularity,
             "steps": steps,
             "lr": lr,
@@ -147,18 +174,62 @@ def measure_sensitivity(
             "seed": seed,
         },
     )
-    units = [(layer, module) for layer in layers for module in unit_modules]
+    partial = _load_partial(resume_path, table) if resume_path is not None else None
+
+    def save() -> None:
+        if resume_path is not None:
+            table.to_json(resume_path)
+
+    trials = [(layer, module, ratio) for layer in layers for module in unit_modules for ratio in ratios]
+    done = {(row.layer, row.module, row.ratio): row for row in partial.rows} if partial is not None else {}
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     try:
-        table.baseline = evaluate_loss(model, eval_batches)
-        if method == "measured":
-            _measure(model, table, units, ratios, train_batches, eval_batches, lr, axis, seed, progress)
+        if partial is not None and partial.baseline is not None:
+            table.baseline = partial.baseline
         else:
-            _proxy(model, table, units, ratios, train_batches, lr, axis, progress)
+            table.baseline = evaluate_loss(model, eval_batches)
+            save()
+        if method == "measured":
+            _measure(model, table, trials, done, train_batches, eval_batches, lr, axis, seed, progress, save)
+        elif all(trial in done for trial in trials):
+            table.rows = [done[trial] for trial in trials]
+            table.channel_importance = partial.channel_importance
+        else:
+            _proxy(model, table, trials, train_batches, lr, axis, progress)
+            save()
     finally:
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(requires_grad[name])
     return table
+
+
+def _load_partial(path: str | os.PathLike, table: SensitivityTable) -> SensitivityTable | None:
+    """The partial table at `path` if there is one, after checking it was measured like `table` (no rows yet).
+
+    Raises:
+        ValueError: it is not a table, or was made with another model, data, decoder-layer modules or settings.
+    """
+    if not Path(path).exists():
+        return None
+    partial = SensitivityTable.from_json(path)
+    differences = []
+    if partial.model_fingerprint.get("digest") != table.model_fingerprint.get("digest"):
+        differences.append(
+            f"model fingerprint {partial.model_fingerprint.get('digest')} (now {table.model_fingerprint.get('digest')})"
+        )
+    if partial.data_fingerprint != table.data_fingerprint:
+        differences.append(f"data fingerprint {partial.data_fingerprint} (now {table.data_fingerprint})")
+    if (partial.layers_name, partial.layer_modules) != (table.layers_name, table.layer_modules):
+        differences.append(f"modules {list(partial.layer_modules)} (now {list(table.layer_modules)})")
+    for key in sorted(set(partial.settings) | set(table.settings)):
+        if partial.settings.get(key) != table.settings.get(key):
+            differences.append(f"{key}={partial.settings.get(key)!r} (now {table.settings.get(key)!r})")
+    if differences:
+        raise ValueError(
+            f"{os.fspath(path)} holds a partial sensitivity measurement made with another setup: "
+            f"{'; '.join(differences)}. Delete it to start over, or resume with the same model, data and settings."
+        )
+    return partial
 
 
 def trial_loss(
@@ -181,18 +252,22 @@ def trial_loss(
     return loss
 
 
-def _measure(model, table, units, ratios, train_batches, eval_batches, lr, axis, seed, progress) -> None:
-    trials = [(layer, module, ratio) for layer, module in units for ratio in ratios]
+def _measure(model, table, trials, done, train_batches, eval_batches, lr, axis, seed, progress, save) -> None:
+    """Append a measured row per trial, in trial order: from `done` where it is there, else measured and `save`d."""
     for layer, module, ratio in tqdm(trials, desc="measuring sensitivity", unit="unit", disable=not progress):
+        if (layer, module, ratio) in done:
+            table.rows.append(done[layer, module, ratio])
+            continue
         config = PockConfig(scheme=dict.fromkeys(table.module_names(layer, module), ratio), channel_axis=axis)
         loss = trial_loss(model, config, train_batches, eval_batches, lr, seed)
         table.rows.append(
             SensitivityRow(layer, module, ratio, table.baseline - loss, "measured", len(train_batches), "loss")
         )
+        save()
 
 
-def _proxy(model, table, units, ratios, train_batches, lr, axis, progress) -> None:
-    names = sorted({name for layer, module in units for name in table.module_names(layer, module)})
+def _proxy(model, table, trials, train_batches, lr, axis, progress) -> None:
+    names = sorted({name for layer, module, _ in trials for name in table.module_names(layer, module)})
     weights = {name: model.get_submodule(name).weight for name in names}
     for p in model.parameters():
         p.requires_grad_(False)
@@ -209,13 +284,12 @@ def _proxy(model, table, units, ratios, train_batches, lr, axis, progress) -> No
             weight.grad = None
     finally:
         model.train(was_training)
-    for layer, module in units:
-        for ratio in ratios:
-            gain = 0.0
-            for name in table.module_names(layer, module):
-                scores = torch.tensor(table.channel_importance[name])
-                gain += lr * scores.topk(channel_count(ratio, scores.numel())).values.sum().item()
-            table.rows.append(SensitivityRow(layer, module, ratio, gain, "proxy", len(train_batches), "loss"))
+    for layer, module, ratio in trials:
+        gain = 0.0
+        for name in table.module_names(layer, module):
+            scores = torch.tensor(table.channel_importance[name])
+            gain += lr * scores.topk(channel_count(ratio, scores.numel())).values.sum().item()
+        table.rows.append(SensitivityRow(layer, module, ratio, gain, "proxy", len(train_batches), "loss"))
 
 
 def gradient_channel_indices(table: SensitivityTable, scheme: dict[str, float]) -> dict[str, list[int]]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .files import atomic_write_text, check_format_version, read_json_object
+from .files import atomic_write_text, check_format_version, dataclass_from_json, read_json_object, save_figure
 from .fingerprint import check_model_fingerprint, model_fingerprint
 
 TABLE_FORMAT_VERSION = 1
@@ -83,16 +83,15 @@ class SensitivityTable:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "table") -> SensitivityTable:
+        """The table in `data` (what `to_dict` gives), every field type-checked.
+
+        Raises:
+            ValueError: naming `source` and the field: another format version, a missing, unknown or mistyped field.
+        """
         check_format_version(
             data, TABLE_FORMAT_VERSION, "sensitivity-table", source, "measure the table again with this version"
         )
-        try:
-            rows = [SensitivityRow(**row) for row in data["rows"]]
-            fields = {k: v for k, v in data.items() if k != "rows"}
-            fields["layer_modules"] = tuple(fields.get("layer_modules", LLAMA_LAYER_MODULES))
-            return cls(rows=rows, **fields)
-        except (KeyError, TypeError) as error:
-            raise ValueError(f"{source}: not a sensitivity table ({error}).") from None
+        return dataclass_from_json(cls, data, source)
 
     def to_json(self, path: str | os.PathLike) -> Path:
         """Write the table as JSON (atomically). Floats round-trip exactly."""
@@ -139,11 +138,7 @@ class SensitivityTable:
         metric = self.rows[0].metric if self.rows else "metric"
         figure.colorbar(image, ax=axes[0].tolist(), label=f"gain ({metric} improvement)")
         figure.suptitle(title or f"{self.rows[0].method if self.rows else ''} sensitivity")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=120, bbox_inches="tight")
-        plt.close(figure)
-        return path
+        return save_figure(figure, path)
 
 
 def _module_order(layer_modules: tuple[str, ...]):
