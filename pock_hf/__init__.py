@@ -11,8 +11,10 @@ from torch import nn
 from .costs import CostProfile, profile_costs
 from .optim_in_backward import OptimizerInBackward
 from .planner import Plan, make_plan, plan_scheme
+from .prefix_cache import PrefixCache
 from .sensitivity import gradient_channel_indices, measure_sensitivity
 from .table import SensitivityRow, SensitivityTable
+from .training import StepStats, make_optimizer, training_step
 from .tuner import PockConfig, PockModel, UpdatedModule
 
 __all__ = [
@@ -21,15 +23,19 @@ __all__ = [
     "Plan",
     "PockConfig",
     "PockModel",
+    "PrefixCache",
     "SensitivityRow",
     "SensitivityTable",
+    "StepStats",
     "UpdatedModule",
     "get_pock_model",
     "gradient_channel_indices",
+    "make_optimizer",
     "make_plan",
     "measure_sensitivity",
     "plan_scheme",
     "profile_costs",
+    "training_step",
 ]
 
 
