@@ -14,6 +14,7 @@ from .planner import Plan, make_plan, plan_scheme
 from .prefix_cache import PrefixCache
 from .sensitivity import gradient_channel_indices, measure_sensitivity
 from .table import SensitivityRow, SensitivityTable
+from .trainer import PockTrainer
 from .training import StepStats, make_optimizer, training_step
 from .tuner import PockConfig, PockModel, UpdatedModule
 
@@ -23,6 +24,7 @@ __all__ = [
     "Plan",
     "PockConfig",
     "PockModel",
+    "PockTrainer",
     "PrefixCache",
     "SensitivityRow",
     "SensitivityTable",

@@ -59,10 +59,21 @@ class OptimizerInBackward:
     def _step(self, parameter: nn.Parameter) -> None:
         self._passes[parameter] += 1
         if self._passes[parameter] % self.accumulation_steps == 0:
-            optimizer = self.optimizers[parameter]
-            optimizer.param_groups[0]["lr"] = self.param_groups[0]["lr"]
-            optimizer.step()
-            self.optimizers[parameter].zero_grad(set_to_none=True)
+            self._apply(parameter)
+
+    def _apply(self, parameter: nn.Parameter) -> None:
+        optimizer = self.optimizers[parameter]
+        optimizer.param_groups[0]["lr"] = self.param_groups[0]["lr"]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def flush(self) -> None:
+        """Apply now the updates of gradients still accumulating (an accumulation window cut short, e.g. at the end
+        of an epoch), so the next window starts clean — what the ordinary loop's `optimizer.step()` would do."""
+        for parameter in self.parameters:
+            if parameter.grad is not None:
+                self._apply(parameter)
+            self._passes[parameter] = 0
 
     def set_lr(self, lr: float) -> None:
         """Set the learning rate of the next updates (for a schedule driven by the training loop)."""
