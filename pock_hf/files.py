@@ -189,7 +189,7 @@ def _fit(value: object, hint: object, source: str, where: str) -> object:
             raise _Mismatch
         if not args:
             return value
-        return {key: _convert(item, args[1], source, f"{where}[{key!r}]") for key, item in value.items()}
+        return {key: _convert(item, args[1], source, f"{where}[{key}]") for key, item in value.items()}
     if hint in (list, tuple) or origin in (list, tuple):
         if not isinstance(value, list):
             raise _Mismatch
