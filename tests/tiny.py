@@ -31,3 +31,15 @@ def tiny_batch(seed: int = 1, batch: int = 2, length: int = 12, vocab: int = TIN
     labels = input_ids.clone()
     labels[:, : length // 3] = -100
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+
+
+def save_tiny_checkpoint(folder, **overrides):
+    """A tiny random Llama with the byte-level chat tokenizer (pad = eos), saved as an ordinary HF checkpoint folder
+    that `load_model_and_tokenizer(folder)` and the command-line tools read; returns the folder."""
+    from .conftest import byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    tokenizer.pad_token = tokenizer.eos_token
+    tiny_llama(**{"vocab_size": len(tokenizer), "max_position_embeddings": 512, **overrides}).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

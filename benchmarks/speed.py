@@ -1,0 +1,268 @@
+"""Training-step speed and memory: full fine-tuning, PEFT LoRA / QLoRA, last-k freezing and Pock with each engine
+mechanism added one at a time, on one machine, in one run.
+
+    python benchmarks/speed.py                                   # SmolLM2-135M-Instruct, Alpaca, batch 8 x 256
+    python benchmarks/speed.py --scheme runs/plan/scheme.json    # a planned scheme instead of the default one
+    python benchmarks/speed.py --setups full,lora,pock --steps 2 # a subset
+
+Every setup runs in its own process (so peak memory is its own: RSS on CPU, `torch.cuda.max_memory_allocated` on a
+GPU), takes `--warmup` steps, then times `--steps` steps (forward + backward + AdamW update) and reports the median.
+Every setup trains on the same batches through the same `pock_hf.training.training_step`. Writes `speed.json`,
+`speed.md` and `speed.png` to `--output`. The numbers describe this machine at this time; tests never assert them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ALPACA = Path(__file__).resolve().parents[2] / "shared" / "data" / "instruct" / "alpaca_5000.json"
+LINEAR_MODULES = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+# setup -> what it is; the Pock rows add one mechanism each to the row above
+SETUPS = {
+    "forward": "forward pass only (no grad), whole model",
+    "full": "full fine-tuning",
+    "lora": "PEFT LoRA r=8, all linears",
+    "lora_gc": "PEFT LoRA + gradient checkpointing",
+    "qlora": "QLoRA (LoRA r=8 on NF4 frozen weights)",
+    "last_k": "freeze all but the last k layers",
+    "pock_sparse": "Pock: sparse channels + depth cut (stock loss)",
+    "pock": "+ label-only chunked loss (Pock default)",
+    "pock_in_backward": "+ optimizer step inside backward",
+    "pock_cached": "+ frozen-prefix cache (warm)",
+    "pock_nf4": "Pock default on NF4 frozen weights",
+}
+DEFAULT_SETUPS = ",".join(SETUPS)
+
+
+def last_layers_scheme(num_layers: int, last: int, ratio: float) -> dict[str, float]:
+    """Every linear module of the last `last` decoder layers at `ratio` of their output channels."""
+    return {f"model.layers.{i}.{m}": ratio for i in range(num_layers - last, num_layers) for m in LINEAR_MODULES}
+
+
+def load_scheme(args, num_layers: int) -> dict[str, float]:
+    from pock_hf.tuner.config import load_scheme_file
+
+    if args.scheme:
+        return load_scheme_file(args.scheme)
+    return last_layers_scheme(num_layers, args.last_k, args.ratio)
+
+
+def build(setup: str, model, scheme: dict[str, float], last_k: int):
+    """The model to train under `setup`."""
+    from peft import LoraConfig, get_peft_model
+
+    from pock_hf import PockConfig, get_pock_model
+    from pock_hf.quantize import quantize_frozen_linears
+
+    if setup in ("full", "forward"):
+        return model
+    if setup == "last_k":
+        model.requires_grad_(False)
+        model.model.layers[-last_k:].requires_grad_(True)
+        return model
+    if setup in ("lora", "lora_gc", "qlora"):
+        if setup == "qlora":
+            # the same bitsandbytes NF4 quantization Pock uses, so the two quantized rows compare like with like
+            quantize_frozen_linears(model.model.layers.requires_grad_(False), "nf4")
+        lora = get_peft_model(
+            model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
+        )
+        if setup == "lora_gc":
+            lora.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return lora
+    config = PockConfig(
+        scheme=scheme,
+        label_only_loss=setup != "pock_sparse",
+        quantize_frozen="nf4" if setup == "pock_nf4" else None,
+    )
+    return get_pock_model(model, config)
+
+
+def batches(tokenizer, data: Path, batch: int, max_length: int, count: int) -> list[dict]:
+    """`count` batches of instruction rows (prompt masked), each padded to exactly `max_length` tokens."""
+    from pock_hf.data import InstructionCollator, load_instruction_rows, tokenize_rows
+
+    rows = load_instruction_rows(data)[: batch * count * 4]
+    examples, _ = tokenize_rows(rows, tokenizer, max_length=max_length)
+    if len(examples) < batch * count:
+        raise SystemExit(f"{data} gives {len(examples)} usable rows; {batch * count} are needed.")
+    collate = InstructionCollator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=max_length)
+    return [collate(examples[i * batch : (i + 1) * batch]) for i in range(count)]
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_one(args) -> dict:
+    """Time one setup in this process; returns its row."""
+    from pock_hf import PrefixCache
+    from pock_hf.default_model import load_model_and_tokenizer
+    from pock_hf.training import make_optimizer, training_step
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    scheme = load_scheme(args, model.config.num_hidden_layers)
+    data = [
+        {k: v.to(device) for k, v in b.items()}
+        for b in batches(tokenizer, args.data, args.batch, args.max_length, args.warmup + args.steps)
+    ]
+    model = build(args.setup, model.to(device), scheme, args.last_k)
+    model.train()
+    if args.setup == "forward":
+        step = lambda batch: model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])  # noqa: E731
+        context = torch.no_grad
+    else:
+        optimizer = make_optimizer(model, lr=1e-5, in_backward=args.setup == "pock_in_backward")
+        step = lambda batch: training_step(model, [batch], optimizer)  # noqa: E731
+        context = torch.enable_grad
+    if args.setup == "pock_cached":
+        cache = PrefixCache(max_mb=4096).attach(model)
+        with context():
+            for batch in data:  # the first epoch fills the cache; the timed steps below are a later epoch
+                step(batch)
+    times = []
+    with context():
+        for index, batch in enumerate(data):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            step(batch)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if index >= args.warmup:
+                times.append(time.perf_counter() - start)
+    if args.setup == "pock_cached":
+        assert cache.stats.hit_batches >= len(data), cache.stats  # the timed steps really were served from the cache
+    seconds = statistics.median(times)
+    return {
+        "setup": args.setup,
+        "what": SETUPS[args.setup],
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "step_s": seconds,
+        "tokens_per_s": args.batch * args.max_length / seconds,
+        "peak_memory_mb": peak_memory_mb(device),
+        "cut_layer": getattr(model, "cut_layer", None) if args.setup.startswith("pock") else None,
+    }
+
+
+def ratio(value: float, reference: dict | None, key: str, inverse: bool = False) -> str:
+    if reference is None:
+        return "–"
+    return f"{(reference[key] / value if inverse else value / reference[key]):.2f}"
+
+
+def table(results: list[dict]) -> str:
+    """Markdown: one row per setup, with speed-ups (step time) and memory ratios against full FT and LoRA."""
+    by = {r["setup"]: r for r in results}
+    full, lora = by.get("full"), by.get("lora")
+    lines = [
+        "| setup | trainable | step (s) | tokens/s | peak memory (MB) | speed-up vs full | vs LoRA | memory vs LoRA |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        trainable = f"{r['trainable_params'] / 1e6:.2f}M" if r["setup"] != "forward" else "–"
+        lines.append(
+            f"| {r['what']} | {trainable} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | {r['peak_memory_mb']:.0f} | "
+            f"{ratio(r['step_s'], full, 'step_s', inverse=True)}x | {ratio(r['step_s'], lora, 'step_s', inverse=True)}x"
+            f" | {ratio(r['peak_memory_mb'], lora, 'peak_memory_mb')} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path, title: str) -> None:
+    """Bar chart: step time and peak memory per setup."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pock_hf.files import save_figure
+
+    names = [r["setup"] for r in results]
+    figure, (time_axes, memory_axes) = plt.subplots(1, 2, figsize=(11, 0.45 * len(results) + 1.5), sharey=True)
+    colours = ["tab:green" if n.startswith("pock") else "tab:grey" for n in names]
+    time_axes.barh(names, [r["step_s"] for r in results], color=colours)
+    memory_axes.barh(names, [r["peak_memory_mb"] for r in results], color=colours)
+    time_axes.set(xlabel="step time (s, median)", title=title)
+    memory_axes.set(xlabel="peak memory (MB)")
+    time_axes.invert_yaxis()
+    for axes in (time_axes, memory_axes):
+        axes.grid(axis="x", alpha=0.3)
+    save_figure(figure, path)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="hub id or local path; default: embedded SmolLM2-135M-Instruct")
+    parser.add_argument("--data", type=Path, default=ALPACA, help="instruction rows (Alpaca / chat JSON or JSONL)")
+    parser.add_argument("--scheme", type=Path, help="Pock scheme JSON (e.g. from `pock plan`)")
+    parser.add_argument("--last-k", type=int, default=4, help="layers of the default scheme and of the last_k row")
+    parser.add_argument("--ratio", type=float, default=0.25, help="channel ratio of the default scheme")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--setups", default=DEFAULT_SETUPS, help=f"comma-separated, from {list(SETUPS)}")
+    parser.add_argument("--output", type=Path, default=Path("runs/speed"))
+    parser.add_argument("--setup", help=argparse.SUPPRESS)  # internal: run one setup in this process
+    args = parser.parse_args(argv)
+    unknown = [s for s in args.setups.split(",") if s not in SETUPS]
+    if unknown:
+        parser.error(f"unknown setup(s) {unknown}; choose from {list(SETUPS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    if args.setup:
+        print(json.dumps(run_one(args)))
+        return []
+    from tqdm.auto import tqdm
+
+    from pock_hf.files import atomic_write_text
+
+    argv = sys.argv[1:] if argv is None else argv
+    results = []
+    for setup in tqdm(args.setups.split(","), desc="setups", unit="setup"):
+        done = subprocess.run(
+            [sys.executable, __file__, *argv, "--setup", setup], capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0:
+            raise SystemExit(f"setup {setup} failed:\n{done.stderr[-3000:]}")
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        tqdm.write(f"{setup}: {results[-1]['step_s']:.2f} s/step, {results[-1]['peak_memory_mb']:.0f} MB")
+    markdown = table(results)
+    settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+    atomic_write_text(args.output / "speed.json", json.dumps({"settings": settings, "results": results}, indent=2))
+    atomic_write_text(args.output / "speed.md", markdown + "\n")
+    plot(results, args.output / "speed.png", f"batch {args.batch} x {args.max_length}, {args.device}")
+    print(markdown)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Smoke test of benchmarks/speed.py on a tiny model: every setup runs and the outputs are well formed (no timing
+assertions: the numbers are the benchmark's business)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from .tiny import save_tiny_checkpoint
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("benchmark_speed", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    model = save_tiny_checkpoint(tmp_path / "tiny")
+    data = tmp_path / "rows.json"
+    rows = [
+        {"instruction": f"Count to {i}.", "input": "", "output": " ".join(map(str, range(i + 3)))} for i in range(8)
+    ]
+    data.write_text(json.dumps(rows))
+    common = ["--model", str(model), "--data", str(data), "--batch", "2", "--max-length", "64", "--last-k", "2"]
+    return common + ["--warmup", "1", "--steps", "1", "--output", str(tmp_path / "out")]
+
+
+def test_every_setup_runs_and_reports(tiny_run):
+    speed = load_script()
+    results = [speed.run_one(speed.parse_args([*tiny_run, "--setup", setup])) for setup in speed.SETUPS]
+    by = {r["setup"]: r for r in results}
+    assert by["full"]["trainable_params"] > by["last_k"]["trainable_params"] > by["pock"]["trainable_params"] > 0
+    assert by["pock"]["cut_layer"] == 2 and by["pock_nf4"]["trainable_params"] == by["pock"]["trainable_params"]
+    assert all(r["step_s"] > 0 and r["peak_memory_mb"] > 0 for r in results)
+    markdown = speed.table(results)
+    assert markdown.count("\n") == len(results) + 1 and "| full fine-tuning |" in markdown
+
+
+def test_command_writes_json_markdown_and_chart(tiny_run, tmp_path):
+    speed = load_script()
+    speed.main([*tiny_run, "--setups", "lora,pock"])
+    out = tmp_path / "out"
+    report = json.loads((out / "speed.json").read_text())
+    assert [r["setup"] for r in report["results"]] == ["lora", "pock"]
+    assert (out / "speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "1.00x" in (out / "speed.md").read_text()  # LoRA against itself
+
+
+def test_unknown_setup_is_refused(tiny_run):
+    with pytest.raises(SystemExit):
+        load_script().parse_args([*tiny_run, "--setups", "full,nonsense"])
