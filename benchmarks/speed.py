@@ -4,6 +4,7 @@ mechanism added one at a time, on one machine, in one run.
     python benchmarks/speed.py                                   # SmolLM2-135M-Instruct, Alpaca, batch 8 x 256
     python benchmarks/speed.py --scheme runs/plan/scheme.json    # a planned scheme instead of the default one
     python benchmarks/speed.py --setups full,lora,pock --steps 2 # a subset
+    benchmarks/gpu.sh                                            # Llama-2-7B-shaped, random bf16 weights, one GPU
 
 Every setup runs in its own process (so peak memory is its own: RSS on CPU, `torch.cuda.max_memory_allocated` on a
 GPU), takes `--warmup` steps, then times `--steps` steps (forward + backward + AdamW update) and reports the median.
@@ -25,6 +26,9 @@ from pathlib import Path
 import torch
 
 ALPACA = Path(__file__).resolve().parents[2] / "shared" / "data" / "instruct" / "alpaca_5000.json"
+ARCHITECTURES = Path(__file__).resolve().parents[1] / "recipes" / "architectures.yaml"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PROMPT_SHARE = 0.4  # random-token batches: this share of each row is prompt (no label), as in instruction data
 LINEAR_MODULES = (
     "self_attn.q_proj",
     "self_attn.k_proj",
@@ -107,6 +111,41 @@ def batches(tokenizer, data: Path, batch: int, max_length: int, count: int) -> l
     return [collate(examples[i * batch : (i + 1) * batch]) for i in range(count)]
 
 
+def random_model_and_batches(args, device: torch.device):
+    """A model of the named architecture with random weights, built on `device` in `--dtype` (nothing downloaded),
+    and batches of random tokens whose first `PROMPT_SHARE` of each row carries no label."""
+    import yaml
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    architectures = yaml.safe_load(ARCHITECTURES.read_text())
+    if args.architecture not in architectures:
+        raise SystemExit(f"unknown --architecture {args.architecture!r}; {ARCHITECTURES} has {sorted(architectures)}")
+    config = LlamaConfig(**architectures[args.architecture])
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(DTYPES[args.dtype])
+    generator = torch.Generator().manual_seed(0)
+    data = []
+    for _ in range(args.warmup + args.steps):
+        input_ids = torch.randint(0, config.vocab_size, (args.batch, args.max_length), generator=generator)
+        labels = input_ids.clone()
+        labels[:, : int(PROMPT_SHARE * args.max_length)] = -100
+        data.append({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels})
+    return model, data
+
+
+def model_and_batches(args, device: torch.device):
+    """The model (on `device`) and the batches: random ones for `--architecture`, else a checkpoint and real data."""
+    from pock_hf.default_model import load_model_and_tokenizer
+
+    if args.architecture:
+        model, data = random_model_and_batches(args, device)
+    else:
+        model, tokenizer = load_model_and_tokenizer(args.model, dtype=DTYPES[args.dtype])
+        data = batches(tokenizer, args.data, args.batch, args.max_length, args.warmup + args.steps)
+        model = model.to(device)
+    return model, [{key: value.to(device) for key, value in batch.items()} for batch in data]
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -116,19 +155,14 @@ def peak_memory_mb(device: torch.device) -> float:
 def run_one(args) -> dict:
     """Time one setup in this process; returns its row."""
     from pock_hf import PrefixCache
-    from pock_hf.default_model import load_model_and_tokenizer
     from pock_hf.training import make_optimizer, training_step
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    model, data = model_and_batches(args, device)
     scheme = load_scheme(args, model.config.num_hidden_layers)
-    data = [
-        {k: v.to(device) for k, v in b.items()}
-        for b in batches(tokenizer, args.data, args.batch, args.max_length, args.warmup + args.steps)
-    ]
-    model = build(args.setup, model.to(device), scheme, args.last_k)
+    model = build(args.setup, model, scheme, args.last_k)
     model.train()
     if args.setup == "forward":
         step = lambda batch: model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])  # noqa: E731
@@ -226,6 +260,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    parser.add_argument(
+        "--architecture", help=f"random weights of this architecture (a key of {ARCHITECTURES.name}) and random tokens"
+    )
     parser.add_argument("--setups", default=DEFAULT_SETUPS, help=f"comma-separated, from {list(SETUPS)}")
     parser.add_argument("--output", type=Path, default=Path("runs/speed"))
     parser.add_argument("--setup", help=argparse.SUPPRESS)  # internal: run one setup in this process

@@ -57,3 +57,16 @@ def test_command_writes_json_markdown_and_chart(tiny_run, tmp_path):
 def test_unknown_setup_is_refused(tiny_run):
     with pytest.raises(SystemExit):
         load_script().parse_args([*tiny_run, "--setups", "full,nonsense"])
+
+
+def test_random_architecture_path_builds_the_named_shape(tmp_path):
+    """What benchmarks/gpu.sh runs on a GPU, here on the CPU with the smallest architecture of the table."""
+    speed = load_script()
+    args = speed.parse_args(
+        ["--architecture", "SmolLM2-135M-Instruct", "--batch", "1", "--max-length", "16", "--steps", "1"]
+        + ["--last-k", "1", "--setup", "pock", "--output", str(tmp_path)]
+    )
+    row = speed.run_one(args)
+    assert row["cut_layer"] == 29 and row["trainable_params"] > 0
+    with pytest.raises(SystemExit, match="unknown --architecture"):
+        speed.run_one(speed.parse_args(["--architecture", "nonsense", "--setup", "pock"]))
