@@ -29,15 +29,6 @@ ALPACA = Path(__file__).resolve().parents[2] / "shared" / "data" / "instruct" / 
 ARCHITECTURES = Path(__file__).resolve().parents[1] / "recipes" / "architectures.yaml"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROMPT_SHARE = 0.4  # random-token batches: this share of each row is prompt (no label), as in instruction data
-LINEAR_MODULES = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
 # setup -> what it is; the Pock rows add one mechanism each to the row above
 SETUPS = {
     "forward": "forward pass only (no grad), whole model",
@@ -57,7 +48,9 @@ DEFAULT_SETUPS = ",".join(SETUPS)
 
 def last_layers_scheme(num_layers: int, last: int, ratio: float) -> dict[str, float]:
     """Every linear module of the last `last` decoder layers at `ratio` of their output channels."""
-    return {f"model.layers.{i}.{m}": ratio for i in range(num_layers - last, num_layers) for m in LINEAR_MODULES}
+    from pock_hf.table import LLAMA_LAYER_MODULES
+
+    return {f"model.layers.{i}.{m}": ratio for i in range(num_layers - last, num_layers) for m in LLAMA_LAYER_MODULES}
 
 
 def load_scheme(args, num_layers: int) -> dict[str, float]:
