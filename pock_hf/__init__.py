@@ -12,6 +12,7 @@ from .costs import CostProfile, profile_costs
 from .optim_in_backward import OptimizerInBackward
 from .planner import Plan, make_plan, plan_scheme
 from .prefix_cache import PrefixCache
+from .safe_loading import load_pock_adapter
 from .sensitivity import gradient_channel_indices, measure_sensitivity
 from .table import SensitivityRow, SensitivityTable
 from .trainer import PockTrainer
@@ -32,6 +33,7 @@ __all__ = [
     "UpdatedModule",
     "get_pock_model",
     "gradient_channel_indices",
+    "load_pock_adapter",
     "make_optimizer",
     "make_plan",
     "measure_sensitivity",
