@@ -113,8 +113,10 @@ schemes = mostly(
     st.dictionaries(st.sampled_from(VALID_NAMES), st.floats(1e-3, 1), min_size=1, max_size=3),
     st.one_of(st.dictionaries(names, ratios, max_size=3), st.dictionaries(text, ratios, max_size=2), json_values),
 )
+index_values = st.one_of(st.integers(-2, 70), st.floats(0, 4), text, st.booleans(), st.lists(st.integers(0, 3)))
 indices = mostly(
-    st.none(), st.dictionaries(names, st.lists(st.one_of(st.integers(-2, 70), st.floats(0, 4), text)), max_size=2)
+    st.none(),
+    st.one_of(st.dictionaries(names, st.one_of(st.lists(index_values), json_values), max_size=2), json_values),
 )
 
 
@@ -136,9 +138,10 @@ def test_any_scheme_dict_validates_or_raises_value_error(scheme):
     chunk=mostly(st.integers(-2, 4096), json_values),
     quantize=mostly(st.none(), st.one_of(st.sampled_from(["int8", "nf4"]), text)),
     channel_indices=indices,
+    flag=mostly(st.booleans(), json_values),
 )
-def test_any_config_wraps_or_raises_value_error(scheme, axis, selection, chunk, quantize, channel_indices):
-    kwargs = {"channel_axis": axis, "channel_selection": selection, "loss_chunk_size": chunk}
+def test_any_config_wraps_or_raises_value_error(scheme, axis, selection, chunk, quantize, channel_indices, flag):
+    kwargs = {"channel_axis": axis, "channel_selection": selection, "loss_chunk_size": chunk, "train_norms": flag}
     try:
         config = PockConfig(scheme=scheme, quantize_frozen=quantize, channel_indices=channel_indices, **kwargs)
     except ValueError:

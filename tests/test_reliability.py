@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import PeftModel
 
 from pock_hf import PockConfig, get_pock_model
 from pock_hf.cli import main
@@ -320,6 +321,13 @@ CASES = [
         ["{path}/adapter_model.safetensors", "damaged or cut short"],
     ),
     (
+        "adapter: weights cut short, through PEFT's own loader",
+        adapter(cut_weights),
+        lambda p: PeftModel.from_pretrained(tiny_llama(), p),
+        ValueError,
+        ["{path}/adapter_model.safetensors", "damaged or cut short"],
+    ),
+    (
         "adapter: pickle weights only",
         adapter(pickle_weights),
         check_adapter_folder,
@@ -453,10 +461,8 @@ def test_malicious_pickle_as_adapter_weights_is_never_run(tmp_path, writer):
         pickle.dump(evil(marker), f) if writer == "pickle" else torch.save(evil(marker), f)
     with pytest.raises(ValueError, match="adapter_model.bin, a pickle"):
         load_pock_adapter(tiny_llama(), folder)
-    # PEFT's own path falls back to adapter_model.bin; torch.load(weights_only=True) refuses to run it
-    from peft import PeftModel
-
-    with pytest.raises(pickle.UnpicklingError):
+    # PEFT's own path goes through PockConfig.from_pretrained, which checks the folder the same way
+    with pytest.raises(ValueError, match="adapter_model.bin, a pickle"):
         PeftModel.from_pretrained(tiny_llama(), folder)
     assert not marker.exists()
 

@@ -152,7 +152,35 @@ class PockConfig(PeftConfig):
             or self.loss_chunk_size < 1
         ):
             raise ValueError(f"`loss_chunk_size` must be a positive integer, got {self.loss_chunk_size!r}.")
-        for name in self.channel_indices or {}:
+        for option in ("train_norms", "gradient_checkpointing", "label_only_loss", "init_weights"):
+            if not isinstance(getattr(self, option), bool):
+                raise ValueError(f"`{option}` must be true or false, got {getattr(self, option)!r}.")
+        self._check_channel_indices()
+        self.target_modules = sorted(self.scheme)
+
+    def _check_channel_indices(self) -> None:
+        if self.channel_indices is None:
+            return
+        if not isinstance(self.channel_indices, dict):
+            raise ValueError(
+                f"`channel_indices` must map module names to lists of channel indices, got "
+                f"{type(self.channel_indices).__name__}."
+            )
+        for name, indices in self.channel_indices.items():
             if name not in self.scheme:
                 raise ValueError(f"`channel_indices` names {name!r}, which is not in the scheme.")
-        self.target_modules = sorted(self.scheme)
+            if not isinstance(indices, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in indices
+            ):
+                raise ValueError(f"`channel_indices[{name!r}]` must be a list of integer channel indices.")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
+        """PEFT's loader, after checking a local adapter folder (`pock_hf.safe_loading.check_adapter_folder`): a
+        damaged, foreign, newer or pickle-only adapter fails naming the file before anything is loaded."""
+        folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        if os.path.isdir(folder):
+            from ..safe_loading import check_adapter_folder  # safe_loading imports this module
+
+            check_adapter_folder(folder)
+        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
