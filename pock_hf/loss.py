@@ -2,10 +2,14 @@
 
 Instruction tuning masks the prompt, yet the stock causal-LM loss computes [tokens x vocab] logits for every
 position (49,152 columns per token for SmolLM2). Here the hidden states of the positions whose *next* token carries a
-label are gathered, and the head + cross-entropy run over them in chunks of `chunk_size` rows, each chunk under
-activation checkpointing, so at most one chunk's logits exist at a time, in forward and in backward. The loss is the
-stock one (mean over labelled tokens, or sum / `num_items_in_batch` when given) to float tolerance, and so are the
-gradients.
+label are gathered, and the head + cross-entropy run over them in chunks of `chunk_size` rows, so at most one chunk's
+logits exist at a time. The loss is the stock one (mean over labelled tokens, or sum / `num_items_in_batch` when
+given) to float tolerance, and so are the gradients.
+
+For a plain `nn.Linear` head the gradients are computed in the forward pass, chunk by chunk, while the chunk's
+logits are at hand (softmax minus one-hot, times the head weight): backward then only scales them, and no logits are
+computed twice. Any other head (a Pock-updated or `modules_to_save` LM head) runs each chunk under activation
+checkpointing instead, which recomputes the chunk's logits in backward.
 """
 
 from __future__ import annotations
@@ -31,6 +35,50 @@ def _chunk_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+class LinearCrossEntropySum(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight.T (+ bias)` against `targets`, chunk by chunk, with the gradients of
+    `hidden`, `weight` and `bias` (those that need one) computed during forward and only scaled in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, targets, weight, bias, chunk_size):
+        need_hidden, _, need_weight, need_bias, _ = ctx.needs_input_grad
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            chunk, chunk_targets = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+            logits = F.linear(chunk, weight, bias).float()  # (chunk, vocab)
+            log_normalizer = torch.logsumexp(logits, dim=-1)
+            rows = torch.arange(chunk.shape[0], device=chunk.device)
+            total += (log_normalizer - logits[rows, chunk_targets]).sum()
+            if not (need_hidden or need_weight or need_bias):
+                continue
+            # d(loss)/d(logits) = softmax - one_hot, built in place over the logits
+            grad_logits = logits.sub_(log_normalizer.unsqueeze(1)).exp_()
+            grad_logits[rows, chunk_targets] -= 1
+            if need_hidden:
+                grad_hidden[start : start + chunk_size] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            if need_weight:
+                grad_weight += grad_logits.T @ chunk.float()
+            if need_bias:
+                grad_bias += grad_logits.sum(0)
+        ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight, grad_bias) if g is not None))
+        ctx.present = (need_hidden, need_weight, need_bias)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        saved = iter(ctx.saved_tensors)
+        grad_hidden, grad_weight, grad_bias = (next(saved) * grad_total if p else None for p in ctx.present)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(ctx.dtypes[0])
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(ctx.dtypes[1])
+        return grad_hidden, None, grad_weight, grad_bias, None
+
+
 def label_only_loss(
     hidden_states: torch.Tensor,
     labels: torch.Tensor,
@@ -47,6 +95,9 @@ def label_only_loss(
     where = targets != IGNORE_INDEX  # (B, T-1)
     hidden = hidden_states[:, :-1][where]  # (N, H): only the positions that predict a label
     targets = targets[where].to(hidden.device)  # (N,)
+    if type(head) is nn.Linear:
+        total = LinearCrossEntropySum.apply(hidden, targets, head.weight, head.bias, chunk_size)
+        return total / _denominator(num_items_in_batch, targets, total)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_size):
         chunk, chunk_targets = hidden[start : start + chunk_size], targets[start : start + chunk_size]
@@ -55,10 +106,12 @@ def label_only_loss(
             total = total + checkpoint(_chunk_loss_sum, chunk, chunk_targets, head, use_reentrant=False)
         else:
             total = total + _chunk_loss_sum(chunk, chunk_targets, head)
+    return total / _denominator(num_items_in_batch, targets, total)
+
+
+def _denominator(num_items_in_batch, targets: torch.Tensor, total: torch.Tensor):
     denominator = num_items_in_batch if num_items_in_batch is not None else targets.numel()
-    if isinstance(denominator, torch.Tensor):
-        denominator = denominator.to(total.device)
-    return total / denominator
+    return denominator.to(total.device) if isinstance(denominator, torch.Tensor) else denominator
 
 
 def install_label_only_loss(model: nn.Module, chunk_size: int = 1024) -> None:

@@ -53,10 +53,26 @@ def test_num_items_in_batch_divides_the_summed_loss():
     torch.testing.assert_close(label_only_loss(hidden, batch["labels"], model.lm_head, num_items_in_batch=50), stock)
 
 
-def test_wrapped_model_uses_it_by_default_with_the_same_loss_and_delta_gradients():
+def test_a_head_with_bias_gets_the_stock_gradients_too():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, VOCAB, bias=True)
+    hidden = torch.randn(2, 6, 8)
+    labels = torch.randint(0, VOCAB, (2, 6))
+    labels[0, :2] = -100
+    expected = torch.nn.functional.cross_entropy(head(hidden[:, :-1]).reshape(-1, VOCAB), labels[:, 1:].reshape(-1))
+    expected_grads = torch.autograd.grad(expected, [head.weight, head.bias])
+    got = label_only_loss(hidden, labels, head, chunk_size=4)
+    torch.testing.assert_close(got, expected)
+    for grad, want in zip(torch.autograd.grad(got, [head.weight, head.bias]), expected_grads):
+        torch.testing.assert_close(grad, want)
+
+
+# the plain head takes the fused path (gradients in forward); a Pock-updated head the checkpointed one
+@pytest.mark.parametrize("scheme", [SCHEME, {**SCHEME, "lm_head": 0.25}], ids=["plain head", "updated head"])
+def test_wrapped_model_uses_it_by_default_with_the_same_loss_and_delta_gradients(scheme):
     batch = padded_batch()
-    ours = get_pock_model(tiny_llama(), PockConfig(scheme=SCHEME, init_weights=False))
-    stock = get_pock_model(tiny_llama(), PockConfig(scheme=SCHEME, init_weights=False, label_only_loss=False))
+    ours = get_pock_model(tiny_llama(), PockConfig(scheme=scheme, init_weights=False))
+    stock = get_pock_model(tiny_llama(), PockConfig(scheme=scheme, init_weights=False, label_only_loss=False))
     for model in (ours, stock):
         model.train()
     out_ours, out_stock = ours(**batch), stock(**batch)
