@@ -133,7 +133,9 @@ class TrainSection:
     process (default: `batch_size` / processes, no accumulation). `lr` peaks after `warmup_steps` and then follows
     `schedule`. `checkpoint_every` steps (0: never) a checkpoint is written, the last `keep_checkpoints` kept;
     `resume_from_checkpoint` is `latest` (the newest complete one in the output folder, if any) or a checkpoint folder.
-    `mixed_precision`: `auto` takes accelerate's setting (`accelerate launch --mixed_precision` / its config)."""
+    `mixed_precision`: `auto` takes accelerate's setting (`accelerate launch --mixed_precision` / its config).
+    `prefix_cache_mb` > 0 (Pock only): keep the hidden states at the depth cut of up to this many MB of training
+    examples, so steps over examples seen before skip the frozen layers below the cut (exact; `PrefixCache`)."""
 
     steps: int = 60
     batch_size: int = 8
@@ -144,6 +146,7 @@ class TrainSection:
     weight_decay: float = 0.0
     max_grad_norm: float | None = None
     optimizer_in_backward: bool = False
+    prefix_cache_mb: float = 0.0
     mixed_precision: str = "auto"
     seed: int = 0
     log_every: int = 1
@@ -361,7 +364,7 @@ def validate(config: RecipeConfig, source: str = "config") -> None:
     _positive(pock.profile_depths, "pock.profile_depths", source)
     for key in ("steps", "batch_size", "micro_batch_size", "lr", "log_every", "keep_checkpoints"):
         _positive(getattr(train, key), f"train.{key}", source)
-    for key in ("warmup_steps", "weight_decay", "checkpoint_every", "max_grad_norm"):
+    for key in ("warmup_steps", "weight_decay", "checkpoint_every", "max_grad_norm", "prefix_cache_mb"):
         _positive(getattr(train, key), f"train.{key}", source, allow_zero=True)
     _choice(train.schedule, SCHEDULES, "train.schedule", source)
     _choice(train.mixed_precision, MIXED_PRECISIONS, "train.mixed_precision", source)
@@ -369,6 +372,11 @@ def validate(config: RecipeConfig, source: str = "config") -> None:
         raise RecipeConfigError(
             f"{source}: train.optimizer_in_backward cannot clip (train.max_grad_norm): global clipping needs every "
             "gradient before any update. Drop one of the two."
+        )
+    if train.prefix_cache_mb and config.method != "pock":
+        raise RecipeConfigError(
+            f"{source}: train.prefix_cache_mb caches the frozen layers below a Pock model's depth cut; method "
+            f"{config.method!r} has no such prefix. Set it to 0."
         )
     resume = train.resume_from_checkpoint
     if resume not in (None, "latest") and not Path(resume).is_dir():

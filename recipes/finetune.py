@@ -35,7 +35,7 @@ from accelerate.utils import DistributedType
 from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm.auto import tqdm
 
-from pock_hf import PockConfig, get_pock_model, make_plan, measure_sensitivity, profile_costs
+from pock_hf import PockConfig, PrefixCache, get_pock_model, make_plan, measure_sensitivity, profile_costs
 from pock_hf.checkpoint import latest_checkpoint, load_checkpoint, restore_trainable, save_checkpoint, set_rng_state
 from pock_hf.costs import DEVICE_BUDGETS_MB, MB, CostProfile
 from pock_hf.data import InstructionCollator, check_row, load_instruction_rows, tokenize_rows
@@ -525,6 +525,10 @@ class FinetuneRecipe:
             check_memory(config, estimate)
         self.report.update(summary=summary, memory_estimate=dataclasses.asdict(estimate))
         self.report["plan_seconds"] = time.perf_counter() - started
+        # attached before accelerate wraps the model, to the PeftModel whose depth cut it reads
+        self.prefix_cache = (
+            PrefixCache(config.train.prefix_cache_mb).attach(model) if config.train.prefix_cache_mb else None
+        )
         self.optimizer = make_optimizer(
             model,
             lr=config.train.lr,
@@ -686,6 +690,11 @@ class FinetuneRecipe:
             losses=self.losses,
             peak_memory_mb=peak_memory_mb(accelerator.device),
         )
+        if self.prefix_cache is not None:
+            self.report["prefix_cache"] = {
+                **dataclasses.asdict(self.prefix_cache.stats),
+                "size_mb": self.prefix_cache.size_mb,
+            }
 
     # --- save and evaluate ---------------------------------------------------------------------------------------
 

@@ -107,6 +107,21 @@ def test_optimizer_in_backward_gives_the_plain_loop_result(run, tiny_model, tmp_
         torch.testing.assert_close(adapters[1][name], tensor)
 
 
+def test_prefix_cache_gives_the_uncached_adapter(run, tiny_model, tmp_path):
+    data = write_rows(tmp_path / "rows.json")
+    adapters = []
+    for cache_mb in (0, 64):
+        output = tmp_path / f"out-{cache_mb}"
+        # 8 steps x 4 rows go over the 20 training rows more than once
+        train = {"prefix_cache_mb": cache_mb, "steps": 8}
+        config = write_config(tmp_path / "c.yaml", tiny_model, data, output, train=train)
+        assert run(config) == 0
+        adapters.append(load_file(output / "adapter" / "adapter_model.safetensors"))
+    assert read_report(output)["prefix_cache"]["hit_batches"] > 0
+    for name, tensor in adapters[0].items():
+        torch.testing.assert_close(adapters[1][name], tensor, rtol=1e-5, atol=1e-6)
+
+
 def test_data_edge_cases_are_counted_in_the_report(run, tiny_model, tmp_path):
     rows = json.loads(write_rows(tmp_path / "rows.json").read_text())
     rows.insert(0, {"instruction": "Tell me a long story.", "output": "Once upon a time " * 20})  # answer cut
