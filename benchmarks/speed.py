@@ -180,6 +180,8 @@ def run_one(args) -> dict:
                 torch.cuda.synchronize(device)
             if index >= args.warmup:
                 times.append(time.perf_counter() - start)
+    if args.profile:
+        write_profile(step, data[-1], context, args.output / f"profile_{args.setup}.txt")
     if args.setup == "pock_cached":
         assert cache.stats.hit_batches >= len(data), cache.stats  # the timed steps really were served from the cache
     seconds = statistics.median(times)
@@ -192,6 +194,17 @@ def run_one(args) -> dict:
         "peak_memory_mb": peak_memory_mb(device),
         "cut_layer": getattr(model, "cut_layer", None) if args.setup.startswith("pock") else None,
     }
+
+
+def write_profile(step, batch: dict, context, path: Path) -> None:
+    """One more step under `torch.profiler`: the operators by total CPU time, as a text table at `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from pock_hf.files import atomic_write_text
+
+    with context(), profile(activities=[ProfilerActivity.CPU]) as profiler:
+        step(batch)
+    atomic_write_text(path, profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
 
 
 def ratio(value: float, reference: dict | None, key: str, inverse: bool = False) -> str:
@@ -259,6 +272,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--setups", default=DEFAULT_SETUPS, help=f"comma-separated, from {list(SETUPS)}")
     parser.add_argument("--output", type=Path, default=Path("runs/speed"))
+    parser.add_argument("--profile", action="store_true", help="also write profile_<setup>.txt (operator times)")
     parser.add_argument("--setup", help=argparse.SUPPRESS)  # internal: run one setup in this process
     args = parser.parse_args(argv)
     unknown = [s for s in args.setups.split(",") if s not in SETUPS]

@@ -46,8 +46,9 @@ def test_every_setup_runs_and_reports(tiny_run):
 
 def test_command_writes_json_markdown_and_chart(tiny_run, tmp_path):
     speed = load_script()
-    speed.main([*tiny_run, "--setups", "lora,pock"])
+    speed.main([*tiny_run, "--setups", "lora,pock", "--profile"])
     out = tmp_path / "out"
+    assert "aten::" in (out / "profile_pock.txt").read_text()
     report = json.loads((out / "speed.json").read_text())
     assert [r["setup"] for r in report["results"]] == ["lora", "pock"]
     assert (out / "speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
