@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     parser.add_argument("--output", type=Path, default=Path("runs/eval_commonsense"))
     parser.add_argument("--figure", type=Path, default=None, help="copy the bar chart here (the README's image)")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--first-layer", type=int, default=18)

@@ -11,18 +11,14 @@ from pock_hf.cli import main
 from pock_hf.costs import CostProfile
 from pock_hf.table import SensitivityTable
 
-from .conftest import byte_tokenizer
-from .tiny import tiny_llama
+from .tiny import save_tiny_checkpoint
 
 ROWS = [{"instruction": f"Say the number {i}.", "input": "", "output": f"The number is {i}."} for i in range(12)]
 
 
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
-    tokenizer = byte_tokenizer()
-    folder = tmp_path / "tiny-llama"
-    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    folder = save_tiny_checkpoint(tmp_path / "tiny-llama")
     data = tmp_path / "rows.json"
     data.write_text(json.dumps(ROWS))
     return folder, data

@@ -18,8 +18,7 @@ import torch
 from pock_hf.cli import main, partial_path
 from pock_hf.table import SensitivityTable
 
-from .conftest import byte_tokenizer
-from .tiny import tiny_llama
+from .tiny import save_tiny_checkpoint
 
 ROWS = [{"instruction": f"Say the number {i}.", "output": f"The number is {i}."} for i in range(12)]
 # 4 layers x 2 modules x 2 ratios = 16 units, each saved to the partial file as soon as it is measured
@@ -42,10 +41,7 @@ def one_thread():
 def setup(tmp_path_factory, one_thread):
     """A tiny Llama checkpoint (safetensors), a data file, and the table of an uninterrupted run."""
     root = tmp_path_factory.mktemp("kill")
-    tokenizer = byte_tokenizer()
-    model = root / "tiny-llama"
-    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(model)
-    tokenizer.save_pretrained(model)
+    model = save_tiny_checkpoint(root / "tiny-llama")
     data = root / "rows.json"
     data.write_text(json.dumps(ROWS))
     args = ["sensitivity", "--model", str(model), "--data", str(data), *SETUP]

@@ -17,7 +17,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from .test_recipe_helpers import RECIPE, ROOT, load_recipe_module, write_config, write_rows, write_tiny_model
+from .test_recipe_helpers import RECIPE, ROOT, load_recipe_module, write_config, write_rows
+from .tiny import save_tiny_checkpoint
 
 # One thread per process: the tiny model's ops are too small to share, and CI's two cores run two processes.
 SUBPROCESS_ENV = {
@@ -35,7 +36,7 @@ def recipe():
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    return write_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-model"))
 
 
 @pytest.fixture

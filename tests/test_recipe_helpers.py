@@ -9,9 +9,6 @@ from pathlib import Path
 
 import yaml
 
-from .conftest import byte_tokenizer
-from .tiny import tiny_llama
-
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "finetune.py"
 CONFIGS = ROOT / "recipes" / "configs"
@@ -26,16 +23,6 @@ def load_recipe_module():
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
-
-
-def write_tiny_model(folder: Path) -> Path:
-    """A 4-layer random Llama with the byte-level chat tokenizer, saved as an ordinary HF checkpoint folder."""
-    model = tiny_llama(vocab_size=264, max_position_embeddings=512)
-    tokenizer = byte_tokenizer()
-    tokenizer.pad_token = tokenizer.eos_token
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def write_rows(path: Path, count: int = 24) -> Path:
