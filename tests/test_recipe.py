@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -16,6 +17,8 @@ from accelerate.state import AcceleratorState, GradientState
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
+
+from pock_hf.checkpoint import is_complete, latest_checkpoint, load_checkpoint
 
 from .test_recipe_helpers import RECIPE, ROOT, load_recipe_module, write_config, write_rows
 from .tiny import save_tiny_checkpoint
@@ -203,7 +206,8 @@ def test_optimizer_in_backward_is_refused_on_several_processes(tiny_model, tmp_p
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_ends_with_the_uninterrupted_adapter(tiny_model, tmp_path):
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sigkill_then_resume_ends_with_the_uninterrupted_adapter(tiny_model, tmp_path, seed):
     data = write_rows(tmp_path / "rows.json")
     train = {"steps": 100, "checkpoint_every": 10, "keep_checkpoints": 2, "resume_from_checkpoint": "latest"}
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
@@ -215,10 +219,18 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_adapter(tiny_model, tmp
     deadline = time.monotonic() + 300
     while not list(checkpoints.glob("checkpoint-*")) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
+    # a random moment after the first checkpoint: mid-step, or mid-way through writing a later checkpoint
+    time.sleep(random.Random(seed).uniform(0.0, 1.5))
     process.send_signal(signal.SIGKILL)
     process.communicate()
     assert not (interrupted / "adapter").exists(), "the run finished before it was killed: nothing was tested"
-    assert list(checkpoints.glob("checkpoint-*"))
+    # whatever the kill left: complete checkpoints load, anything else is never taken for one
+    for folder in checkpoints.iterdir():
+        if is_complete(folder):
+            assert load_checkpoint(folder)[0]
+        else:
+            assert latest_checkpoint(checkpoints) != folder
+    assert latest_checkpoint(checkpoints) is not None
     log = finish(launch(config))
     assert "Resumed at step" in log
     expected = load_file(reference / "adapter" / "adapter_model.safetensors")
