@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -139,16 +138,10 @@ def model_and_batches(args, device: torch.device):
     return model, [{key: value.to(device) for key, value in batch.items()} for batch in data]
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def run_one(args) -> dict:
     """Time one setup in this process; returns its row."""
     from pock_hf import PrefixCache
-    from pock_hf.training import make_optimizer, training_step
+    from pock_hf.training import make_optimizer, peak_memory_mb, training_step
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)

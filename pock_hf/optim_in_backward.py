@@ -51,7 +51,7 @@ class OptimizerInBackward:
             raise ValueError("No parameter requires grad: there is nothing to optimize.")
         self.accumulation_steps = accumulation_steps
         self.optimizers = {p: optimizer_class([p], **optimizer_kwargs) for p in self.parameters}
-        # one learning rate for all, read at each update, so a scheduler (or `set_lr`) can drive it between steps
+        # one learning rate for all, read at each update, so a scheduler (or `training.set_learning_rate`) can drive it between steps
         self.param_groups = [{"params": self.parameters, "lr": self.optimizers[self.parameters[0]].defaults["lr"]}]
         self._passes = {p: 0 for p in self.parameters}
         self._handles = [p.register_post_accumulate_grad_hook(self._step) for p in self.parameters]
@@ -74,10 +74,6 @@ class OptimizerInBackward:
             if parameter.grad is not None:
                 self._apply(parameter)
             self._passes[parameter] = 0
-
-    def set_lr(self, lr: float) -> None:
-        """Set the learning rate of the next updates (for a schedule driven by the training loop)."""
-        self.param_groups[0]["lr"] = lr
 
     def state_dict(self) -> dict:
         """`{"lr": float, "optimizers": [per-parameter state, in parameter order]}` (for checkpoints)."""

@@ -26,6 +26,7 @@ from .data import InstructionCollator, tokenize_rows
 from .depth_cut import find_decoder_layers
 from .fingerprint import model_fingerprint
 from .table import LLAMA_LAYER_MODULES, WHOLE_LAYER, SensitivityRow, SensitivityTable
+from .training import labelled_token_count
 from .tuner import PockConfig
 from .tuner.sparse_backward import channel_count
 
@@ -72,7 +73,7 @@ def evaluate_loss(model: nn.Module, batches: list[dict]) -> float:
     model.eval()
     total, tokens = 0.0, 0
     for batch in batches:
-        count = int((batch["labels"][:, 1:] != -100).sum())
+        count = labelled_token_count(batch)
         if count:
             total += model(**batch).loss.item() * count
             tokens += count

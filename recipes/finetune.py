@@ -23,7 +23,6 @@ import json
 import math
 import os
 import random
-import resource
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ from tqdm.auto import tqdm
 
 from pock_hf import PockConfig, PrefixCache, get_pock_model, make_plan, measure_sensitivity, profile_costs
 from pock_hf.checkpoint import latest_checkpoint, load_checkpoint, restore_trainable, save_checkpoint, set_rng_state
-from pock_hf.costs import DEVICE_BUDGETS_MB, MB, CostProfile
+from pock_hf.costs import DEVICE_BUDGETS_MB, CostProfile
 from pock_hf.data import InstructionCollator, check_row, load_instruction_rows, tokenize_rows
 from pock_hf.default_model import DEFAULT_MODEL, load_model_and_tokenizer
 from pock_hf.demo import evaluate_personal, generate_replies, plot_losses, summary_table
@@ -57,7 +56,7 @@ from pock_hf.recipe_config import (
 )
 from pock_hf.sensitivity import evaluate_loss, gradient_channel_indices
 from pock_hf.table import SensitivityTable
-from pock_hf.training import make_optimizer, set_learning_rate, training_step
+from pock_hf.training import make_optimizer, peak_memory_mb, set_learning_rate, training_step
 
 ARCHITECTURES = Path(__file__).with_name("architectures.yaml")
 # Sharded data parallelism would split the frozen weights too; Pock trains a small set of channels, so plain DDP
@@ -751,13 +750,6 @@ class FinetuneRecipe:
         self.evaluate("after")
         self.finish(started)
         return self.report
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this process (MB): CUDA's peak allocation on GPUs, the peak resident set size elsewhere."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / MB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _flat(data: dict, prefix: str = ""):
