@@ -1,14 +1,18 @@
 """Sensitivity fidelity on SmolLM2-135M-Instruct with the BoolQ + ARC-Easy train splits.
 
-    python benchmarks/sensitivity_fidelity.py --output runs/fidelity          # ~25 min on a 2-core CPU
+    python benchmarks/sensitivity_fidelity.py --output runs/fidelity          # ~35 min on a 2-core CPU
 
 1. Measures a layer-granularity table in measured mode (fine-tune each layer at one ratio, validation loss) and in
    proxy mode (first-order, a few backward passes), timing both, and reports their Spearman rank correlation.
-2. Profiles this device's costs, plans a scheme from the measured table at the predicted memory of a hand-made
-   "last-k layers" scheme, trains both for the same steps on the same data, and compares validation loss.
+2. Profiles this device's costs and, for each depth k in `--depths`, plans a scheme from the measured table at the
+   predicted memory of the hand-made "last k layers" scheme. Every distinct scheme is trained for the same steps on
+   the same data; its measured gain (frozen validation loss minus the loss after training) is set against the
+   planner's predicted gain (the sum of its units' table gains): their Spearman correlation says whether the additive
+   model ranks schemes the way training does. Where a plan differs from the last k layers, those are trained too.
 
 Tables, heatmaps and the cost profile are cached in `--output` (delete them to measure again); results go to
-`fidelity.json` and `fidelity.md` there. Numbers are measurements of this machine, not targets.
+`fidelity.json`, `fidelity.md` and `fidelity.png` (predicted against measured gain) there. Numbers are measurements
+of this machine, not targets.
 """
 
 from __future__ import annotations
@@ -21,16 +25,16 @@ from pathlib import Path
 
 import numpy as np
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "commonsense"
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def commonsense_rows(per_set: int, eval_per_set: int, seed: int) -> tuple[list[dict], list[dict]]:
+def commonsense_rows(data_dir: Path, per_set: int, eval_per_set: int, seed: int) -> tuple[list[dict], list[dict]]:
     """Training and validation rows from the BoolQ and ARC-Easy train splits (validation rows are held out)."""
     from pock_hf.data import load_instruction_rows
 
     train, evaluation = [], []
     for name in ("boolq", "arc_easy"):
-        rows = load_instruction_rows(SHARED / name / "train.json")
+        rows = load_instruction_rows(data_dir / "commonsense" / name / "train.json")
         train += rows[:per_set]
         evaluation += rows[per_set : per_set + eval_per_set]
     random.Random(seed).shuffle(train)
@@ -38,7 +42,7 @@ def commonsense_rows(per_set: int, eval_per_set: int, seed: int) -> tuple[list[d
 
 
 def spearman(a: list[float], b: list[float]) -> float:
-    """Spearman rank correlation (average ranks for ties)."""
+    """Spearman rank correlation (average ranks for ties); NaN when either side is constant or has < 2 values."""
 
     def ranks(values: list[float]) -> np.ndarray:
         order = np.argsort(values, kind="stable")
@@ -49,6 +53,8 @@ def spearman(a: list[float], b: list[float]) -> float:
             ranked[where] = ranked[where].mean()
         return ranked
 
+    if len(a) < 2 or len(set(a)) < 2 or len(set(b)) < 2:
+        return float("nan")
     return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
 
 
@@ -61,23 +67,43 @@ def cached_table(path: Path, measure):
     table = measure()
     table.settings["seconds"] = time.perf_counter() - started
     table.to_json(path)
-    table.plot_heatmap(path.with_suffix(".png"), title=f"{table.settings['method']} sensitivity, SmolLM2-135M")
+    table.plot_heatmap(path.with_suffix(".png"), title=f"{table.settings['method']} sensitivity")
     return table
 
 
-def train_and_validate(model, tokenizer, config, train, evaluation, args) -> float:
-    """Validation loss after `args.compare_steps` AdamW steps of the Pock adapter `config` (model is unloaded after)."""
-    from pock_hf.data import InstructionCollator
-    from pock_hf.sensitivity import fixed_batches, trial_loss
-
-    collate = InstructionCollator(pad_token_id=tokenizer.pad_token_id)
-    train_batches = fixed_batches(train, collate, args.batch_size, args.compare_steps, args.seed)
-    eval_batches = [collate(evaluation[i : i + args.batch_size]) for i in range(0, len(evaluation), args.batch_size)]
-    return trial_loss(model, config, train_batches, eval_batches, args.lr, args.seed)
+def layer_span(layers: list[int]) -> str:
+    """`"22-29"` for a contiguous run of layers, else the list."""
+    return f"{layers[0]}-{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else str(layers)
 
 
-def main() -> None:
+def layers_of(scheme: dict, table) -> list[int]:
+    prefix = table.layers_name + "."
+    return sorted({int(name[len(prefix) :].split(".")[0]) for name in scheme})
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pock_hf.files import save_figure
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for row in rows:
+        axes.scatter(row["predicted_gain"], row["measured_gain"], color="tab:green" if row["planned"] else "tab:grey")
+        axes.annotate(row["label"], (row["predicted_gain"], row["measured_gain"]), fontsize=7, xytext=(3, 2),
+                      textcoords="offset points")  # fmt: skip
+    axes.set(xlabel="predicted gain (sum of table gains)", ylabel="measured gain (validation loss drop)",
+             title="Planned schemes: predicted vs measured gain")  # fmt: skip
+    axes.grid(alpha=0.3)
+    save_figure(figure, path)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="hub id or local path; default: embedded SmolLM2-135M-Instruct")
+    parser.add_argument("--data-dir", type=Path, default=SHARED_DATA)
     parser.add_argument("--output", type=Path, default=Path("runs/fidelity"))
     parser.add_argument("--per-set", type=int, default=240, help="training rows from each of BoolQ and ARC-Easy")
     parser.add_argument("--eval-per-set", type=int, default=24, help="held-out validation rows from each")
@@ -86,30 +112,30 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--last-k", type=int, default=4, help="the hand-made baseline updates the last k layers")
+    parser.add_argument("--depths", type=int, nargs="+", default=[2, 4, 8, 12, 18],
+                        help="one memory budget per depth k: that of updating the last k layers")  # fmt: skip
     parser.add_argument("--compare-steps", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> dict:
     from pock_hf import PockConfig
     from pock_hf.costs import CostProfile, profile_costs
-    from pock_hf.data import tokenize_rows
+    from pock_hf.data import InstructionCollator, tokenize_rows
     from pock_hf.default_model import load_model_and_tokenizer
-    from pock_hf.sensitivity import measure_sensitivity
+    from pock_hf.files import atomic_write_text
+    from pock_hf.planner import make_plan
+    from pock_hf.sensitivity import fixed_batches, measure_sensitivity, trial_loss
 
+    args = parse_args(argv)
     args.output.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_model_and_tokenizer()
-    train_rows, eval_rows = commonsense_rows(args.per_set, args.eval_per_set, args.seed)
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    train_rows, eval_rows = commonsense_rows(args.data_dir, args.per_set, args.eval_per_set, args.seed)
     train, _ = tokenize_rows(train_rows, tokenizer, max_length=args.max_length)
     evaluation, _ = tokenize_rows(eval_rows, tokenizer, max_length=args.max_length)
-    common = {
-        "ratios": (args.ratio,),
-        "granularity": "layer",
-        "steps": args.steps,
-        "lr": args.lr,
-        "batch_size": args.batch_size,
-        "seed": args.seed,
-    }
+    common = {"ratios": (args.ratio,), "granularity": "layer", "steps": args.steps, "lr": args.lr,
+              "batch_size": args.batch_size, "seed": args.seed}  # fmt: skip
     tables = {
         method: cached_table(
             args.output / f"{method}.json",
@@ -117,10 +143,11 @@ def main() -> None:
         )
         for method in ("measured", "proxy")
     }
-    measured = {row.layer: row.gain for row in tables["measured"].rows}
+    table = tables["measured"]
+    measured = {row.layer: row.gain for row in table.rows}
     proxy = {row.layer: row.gain for row in tables["proxy"].rows}
     layers = sorted(measured)
-    rho = spearman([measured[i] for i in layers], [proxy[i] for i in layers])
+    rho_tables = spearman([measured[i] for i in layers], [proxy[i] for i in layers])
 
     costs_path = args.output / "costs.json"
     if costs_path.exists():
@@ -129,60 +156,71 @@ def main() -> None:
         costs = profile_costs(model, batch_size=args.batch_size, seq_len=args.max_length // 2)
         costs.to_json(costs_path)
 
-    from pock_hf.planner import make_plan
+    collate = InstructionCollator(pad_token_id=tokenizer.pad_token_id)
+    train_batches = fixed_batches(train, collate, args.batch_size, args.compare_steps, args.seed)
+    eval_batches = [collate(evaluation[i : i + args.batch_size]) for i in range(0, len(evaluation), args.batch_size)]
+    trained: dict[tuple, float] = {}  # scheme (sorted items) -> validation loss, so no scheme trains twice
 
-    num_layers = costs.num_layers
-    last_k = list(range(num_layers - args.last_k, num_layers))
-    table = tables["measured"]
-    last_k_scheme = {name: args.ratio for layer in last_k for name in table.module_names(layer, "*")}
-    last_k_mb = costs.base_memory_mb(last_k[0]) + sum(costs.unit_memory_mb("*", args.ratio) for _ in last_k)
-    # The planner rounds unit costs up on a 1 MB grid (so a plan always fits); 1% of slack keeps the hand-made scheme,
-    # which fills its own budget exactly, within the planner's reach.
-    budget_mb = last_k_mb * 1.01
-    plan = make_plan(table, costs, budget_mb=budget_mb)
-    last_k_gain = sum(measured[layer] for layer in last_k)
-    losses = {
-        "planned": train_and_validate(model, tokenizer, PockConfig(scheme=plan.scheme), train, evaluation, args),
-        "last_k": train_and_validate(model, tokenizer, PockConfig(scheme=last_k_scheme), train, evaluation, args),
-    }
+    def measured_gain(scheme: dict) -> float:
+        key = tuple(sorted(scheme.items()))
+        if key not in trained:
+            trained[key] = trial_loss(
+                model, PockConfig(scheme=scheme), train_batches, eval_batches, args.lr, args.seed
+            )
+        return table.baseline - trained[key]
+
+    rows = []
+    for k in sorted({min(k, costs.num_layers) for k in args.depths}):
+        last_k = list(range(costs.num_layers - k, costs.num_layers))
+        last_k_scheme = {name: args.ratio for layer in last_k for name in table.module_names(layer, "*")}
+        last_k_mb = costs.base_memory_mb(last_k[0]) + k * costs.unit_memory_mb("*", args.ratio)
+        # The planner rounds unit costs up on a 1 MB grid (so a plan always fits); 1% of slack keeps the hand-made
+        # scheme, which fills its own budget exactly, within the planner's reach.
+        plan = make_plan(table, costs, budget_mb=last_k_mb * 1.01)
+        candidates = [("planned", plan.scheme, plan.predicted_gain, plan.predicted_memory_mb)]
+        if plan.scheme != last_k_scheme:
+            candidates.append(("last k", last_k_scheme, sum(measured[layer] for layer in last_k), last_k_mb))
+        for kind, scheme, predicted, memory in candidates:
+            rows.append({"budget_mb": last_k_mb * 1.01, "k": k, "planned": kind == "planned",
+                         "label": f"{kind}, {last_k_mb * 1.01:.0f} MB", "layers": layers_of(scheme, table),
+                         "predicted_memory_mb": memory, "predicted_gain": predicted,
+                         "measured_gain": measured_gain(scheme)})  # fmt: skip
+    planned = [row for row in rows if row["planned"]]
+    distinct = {tuple(row["layers"]): row for row in rows}.values()
     result = {
-        "measured_seconds": tables["measured"].settings["seconds"],
+        "settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
+        "measured_seconds": table.settings["seconds"],
         "proxy_seconds": tables["proxy"].settings["seconds"],
         "units": len(layers),
-        "spearman_measured_vs_proxy": rho,
-        "baseline_loss": tables["measured"].baseline,
-        "budget_mb": budget_mb,
-        "planned": {
-            "layers": sorted({u[0] for u in plan.units}),
-            "predicted_gain": plan.predicted_gain,
-            "predicted_memory_mb": plan.predicted_memory_mb,
-            "predicted_step_s": plan.predicted_step_s,
-            "validation_loss": losses["planned"],
-        },
-        "last_k": {
-            "layers": last_k,
-            "predicted_gain": last_k_gain,
-            "predicted_memory_mb": last_k_mb,
-            "validation_loss": losses["last_k"],
-        },
-        "compare_steps": args.compare_steps,
+        "baseline_loss": table.baseline,
+        "spearman_measured_vs_proxy": rho_tables,
+        "spearman_predicted_vs_measured_gain": spearman(
+            [row["predicted_gain"] for row in distinct], [row["measured_gain"] for row in distinct]
+        ),
+        "schemes": rows,
     }
-    (args.output / "fidelity.json").write_text(json.dumps(result, indent=2))
     lines = [
         f"Measured mode: {len(layers)} layer units x 1 ratio ({args.ratio}), {args.steps} steps each: "
         f"{result['measured_seconds']:.0f} s. Proxy mode: {result['proxy_seconds']:.0f} s. "
-        f"Spearman rank correlation proxy vs measured: {rho:.2f}.",
+        f"Spearman rank correlation proxy vs measured: {rho_tables:.2f}. Predicted vs measured gain over the "
+        f"{len(distinct)} distinct schemes below: {result['spearman_predicted_vs_measured_gain']:.2f}.",
         "",
-        f"| scheme (budget {budget_mb:.0f} MB) | layers | predicted memory (MB) | predicted gain | validation loss "
-        f"after {args.compare_steps} steps (frozen: {result['baseline_loss']:.4f}) |",
-        "|---|---|---|---|---|",
-        f"| planned from the measured table | {result['planned']['layers']} | {plan.predicted_memory_mb:.0f} | "
-        f"{plan.predicted_gain:.4f} | {losses['planned']:.4f} |",
-        f"| last {args.last_k} layers by hand | {last_k} | {last_k_mb:.0f} | {last_k_gain:.4f} | "
-        f"{losses['last_k']:.4f} |",
+        f"| budget (MB) | scheme | layers | predicted memory (MB) | predicted gain | measured gain after "
+        f"{args.compare_steps} steps (frozen loss {table.baseline:.4f}) |",
+        "|---|---|---|---|---|---|",
     ]
-    (args.output / "fidelity.md").write_text("\n".join(lines) + "\n")
+    for row in rows:
+        kind = "planned" if row["planned"] else f"last {row['k']} by hand"
+        cells = [f"{row['budget_mb']:.0f}", kind, layer_span(row["layers"]), f"{row['predicted_memory_mb']:.0f}",
+                 f"{row['predicted_gain']:.3f}", f"{row['measured_gain']:.3f}"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    if len(planned) == len(rows):
+        lines += ["", "Every plan is the last k layers at its budget."]
+    atomic_write_text(args.output / "fidelity.json", json.dumps(result, indent=2))
+    atomic_write_text(args.output / "fidelity.md", "\n".join(lines) + "\n")
+    plot(rows, args.output / "fidelity.png")
     print("\n".join(lines))
+    return result
 
 
 if __name__ == "__main__":

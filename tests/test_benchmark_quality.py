@@ -3,38 +3,13 @@ method, evaluates and writes well-formed outputs (no assertion on the accuracies
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-from .tiny import save_tiny_checkpoint
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
-OPTIONS = {"boolq": ["true", "false"], "arc_easy": [f"answer{i}" for i in range(1, 5)]}
-OPTIONS["openbookqa"] = OPTIONS["arc_easy"]
-
-
-def write_commonsense(root: Path, rows: int) -> None:
-    for name, options in OPTIONS.items():
-        for split in ("train", "test"):
-            data = [
-                {
-                    "instruction": f"Question {i} of {name}?\n\nAnswer format: {'/'.join(options)}",
-                    "input": "",
-                    "output": f"the correct answer is {options[i % len(options)]}",
-                    "answer": options[i % len(options)],
-                }
-                for i in range(rows)
-            ]
-            folder = root / "commonsense" / name
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / f"{split}.json").write_text(json.dumps(data))
+from .tiny import COMMONSENSE_OPTIONS, load_benchmark, save_tiny_checkpoint, write_commonsense
 
 
 def test_quality_benchmark_end_to_end(tmp_path):
-    spec = importlib.util.spec_from_file_location("benchmark_quality", SCRIPT)
-    quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quality)
+    quality = load_benchmark("quality")
     write_commonsense(tmp_path / "data", rows=24)
     out = tmp_path / "out"
     # on a tiny model step times are noise (a Pock step can cost more than a full one): a generous time budget
@@ -48,7 +23,7 @@ def test_quality_benchmark_end_to_end(tmp_path):
         systems[0] == "base" and systems[1].startswith("pock (budget 50") and "full" in systems and "lora" in systems
     )
     for row in report["results"]:
-        for task in OPTIONS:
+        for task in COMMONSENSE_OPTIONS:
             assert 0.0 <= row["eval"][task]["value"] <= 1.0 and 0.0 < row["eval"][task]["majority"] <= 1.0
     assert json.loads((out / "quality.json").read_text())["results"][0]["system"] == "base"
     assert (out / "quality.png").read_bytes()[:4] == b"\x89PNG" and (out / "sensitivity.json").exists()

@@ -3,22 +3,11 @@ assertions: the numbers are the benchmark's business)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-from .tiny import save_tiny_checkpoint
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("benchmark_speed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from .tiny import load_benchmark, save_tiny_checkpoint
 
 
 @pytest.fixture
@@ -34,7 +23,7 @@ def tiny_run(tmp_path):
 
 
 def test_every_setup_runs_and_reports(tiny_run):
-    speed = load_script()
+    speed = load_benchmark("speed")
     results = [speed.run_one(speed.parse_args([*tiny_run, "--setup", setup])) for setup in speed.SETUPS]
     by = {r["setup"]: r for r in results}
     assert by["full"]["trainable_params"] > by["last_k"]["trainable_params"] > by["pock"]["trainable_params"] > 0
@@ -45,7 +34,7 @@ def test_every_setup_runs_and_reports(tiny_run):
 
 
 def test_command_writes_json_markdown_and_chart(tiny_run, tmp_path):
-    speed = load_script()
+    speed = load_benchmark("speed")
     speed.main([*tiny_run, "--setups", "lora,pock", "--profile"])
     out = tmp_path / "out"
     assert "aten::" in (out / "profile_pock.txt").read_text()
@@ -57,12 +46,12 @@ def test_command_writes_json_markdown_and_chart(tiny_run, tmp_path):
 
 def test_unknown_setup_is_refused(tiny_run):
     with pytest.raises(SystemExit):
-        load_script().parse_args([*tiny_run, "--setups", "full,nonsense"])
+        load_benchmark("speed").parse_args([*tiny_run, "--setups", "full,nonsense"])
 
 
 def test_random_architecture_path_builds_the_named_shape(tmp_path):
     """What benchmarks/gpu.sh runs on a GPU, here on the CPU with the smallest architecture of the table."""
-    speed = load_script()
+    speed = load_benchmark("speed")
     args = speed.parse_args(
         ["--architecture", "SmolLM2-135M-Instruct", "--batch", "1", "--max-length", "16", "--steps", "1"]
         + ["--last-k", "1", "--setup", "pock", "--output", str(tmp_path)]

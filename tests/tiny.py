@@ -1,6 +1,10 @@
-"""Tiny random Llama models for fast tests."""
+"""Tiny random Llama models, tiny data sets and the benchmark-script loader for fast tests."""
 
 from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -15,6 +19,8 @@ TINY_LLAMA = {
     "max_position_embeddings": 64,
     "tie_word_embeddings": False,
 }
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
@@ -43,3 +49,34 @@ def save_tiny_checkpoint(folder, **overrides):
     tiny_llama(**{"vocab_size": len(tokenizer), "max_position_embeddings": 512, **overrides}).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+COMMONSENSE_OPTIONS = {"boolq": ["true", "false"], "arc_easy": [f"answer{i}" for i in range(1, 5)]}
+COMMONSENSE_OPTIONS["openbookqa"] = COMMONSENSE_OPTIONS["arc_easy"]
+
+
+def write_commonsense(root: Path, rows: int) -> None:
+    """BoolQ/ARC-Easy/OpenBookQA-shaped train and test splits of `rows` rows each under root/commonsense, as in
+    ../shared/data: every answer cycles through the options."""
+    for name, options in COMMONSENSE_OPTIONS.items():
+        for split in ("train", "test"):
+            data = [
+                {
+                    "instruction": f"Question {i} of {name}?\n\nAnswer format: {'/'.join(options)}",
+                    "input": "",
+                    "output": f"the correct answer is {options[i % len(options)]}",
+                    "answer": options[i % len(options)],
+                }
+                for i in range(rows)
+            ]
+            folder = root / "commonsense" / name
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{split}.json").write_text(json.dumps(data))
+
+
+def load_benchmark(name: str):
+    """The module of benchmarks/<name>.py (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
