@@ -163,7 +163,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.15, 0.5])
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.35, 0.5, 0.7])
     parser.add_argument("--sensitivity-steps", type=int, default=4)
     parser.add_argument("--validation-rows", type=int, default=64)
     parser.add_argument("--limit", type=int, default=500, help="test rows per task")
@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
         planned_s = planned_s or seconds  # the first plan's training time is the equal-time mark
         results.append(
             {"system": label, "train_s": seconds, "steps": len(losses), "losses": losses,
+             "predicted": {"gain": plan.predicted_gain, "step_s": plan.predicted_step_s} if plan else None,
              "eval": evaluate(model, tokenizer, tasks, validation_batches, settings)}
         )  # fmt: skip
         if snapshot is not None:

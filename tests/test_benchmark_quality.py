@@ -22,6 +22,8 @@ def test_quality_benchmark_end_to_end(tmp_path):
     assert (
         systems[0] == "base" and systems[1].startswith("pock (budget 50") and "full" in systems and "lora" in systems
     )
+    for row in report["results"][1:]:  # the plan's predictions travel with Pock rows only
+        assert (row.get("predicted") is not None) == row["system"].startswith("pock"), row["system"]
     for row in report["results"]:
         for task in COMMONSENSE_OPTIONS:
             assert 0.0 <= row["eval"][task]["value"] <= 1.0 and 0.0 < row["eval"][task]["majority"] <= 1.0
