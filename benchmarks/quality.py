@@ -1,8 +1,12 @@
 """Quality at equal tokens and at equal wall-clock time: full fine-tuning, PEFT LoRA and Pock at several budgets,
 trained on the same commonsense data and evaluated with the pock_eval harness.
 
-    python benchmarks/quality.py --output runs/quality                   # ~60 min on a 2-core CPU
+    python benchmarks/quality.py --output runs/quality                   # 77 min on a 2-core CPU (measured)
+    python benchmarks/quality.py --limit 300 --output runs/quality       # ~60 min: 300 test rows per task
     python benchmarks/quality.py --steps 40 --limit 100 --output runs/q  # a quicker, noisier look
+    python benchmarks/quality.py --output runs/quality --report-only     # redraw table and plot from quality.json
+
+   (77 min = sensitivity 9 + cost profile 3 + training 27 + evaluating 8 systems 38.)
 
 1. Data: the BoolQ, ARC-Easy and OpenBookQA train splits (`--data-dir`), mixed and shuffled with `--seed`;
    `--validation-rows` of them are held out for the sensitivity measurement and the validation loss.
@@ -14,7 +18,7 @@ trained on the same commonsense data and evaluated with the pock_eval harness.
    multiple choice) and by validation loss. Equal wall-clock: full fine-tuning and LoRA are also evaluated as they
    were when they had trained for as long as the planned Pock scheme took in total.
 
-Writes `quality.json`, `quality.md` and `quality.png` (accuracy against training time) to `--output`; the table,
+Writes `quality.json`, `quality.md` and `quality.png` (accuracy and validation loss against training time) to `--output`; the table,
 cost profile and plans it measured are kept there and reused by a rerun with the same settings.
 """
 
@@ -138,6 +142,7 @@ def table(rows: list[dict], task_names: list[str]) -> str:
 
 
 def plot(rows: list[dict], task_names: list[str], path: Path) -> None:
+    """Mean accuracy (beside the majority-class rate) and validation loss against training time."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -145,15 +150,40 @@ def plot(rows: list[dict], task_names: list[str], path: Path) -> None:
 
     from pock_hf.files import save_figure
 
-    figure, axes = plt.subplots(figsize=(7, 4.5))
+    figure, (accuracy_axes, loss_axes) = plt.subplots(1, 2, figsize=(12, 4.5))
     for row in rows:
         mean = sum(row["eval"][name]["value"] for name in task_names) / len(task_names)
         colour = "tab:green" if row["system"].startswith("pock") else "tab:grey"
-        axes.scatter(row["train_s"], mean, color=colour)
-        axes.annotate(row["system"], (row["train_s"], mean), fontsize=8, xytext=(4, 2), textcoords="offset points")
-    axes.set(xlabel="training time (s)", ylabel=f"mean accuracy ({', '.join(task_names)})", title="Quality vs time")
-    axes.grid(alpha=0.3)
+        points = [(accuracy_axes, mean)] + [(loss_axes, row["eval"]["validation_loss"])] * (row["steps"] > 0)
+        for axes, value in points:  # the frozen model's loss is in the title: it would flatten the others
+            axes.scatter(row["train_s"], value, color=colour)
+            axes.annotate(
+                row["system"], (row["train_s"], value), fontsize=8, xytext=(4, 2), textcoords="offset points"
+            )
+    majority = sum(rows[0]["eval"][name]["majority"] for name in task_names) / len(task_names)
+    accuracy_axes.axhline(majority, color="tab:red", linestyle="--", linewidth=1, label="majority class")
+    accuracy_axes.legend(loc="lower right")
+    accuracy_axes.set(xlabel="training time (s)", ylabel=f"mean accuracy ({', '.join(task_names)})",
+                      title="Test accuracy vs training time")  # fmt: skip
+    frozen = rows[0]["eval"]["validation_loss"]
+    loss_axes.set(xlabel="training time (s)", ylabel="validation loss",
+                  title=f"Validation loss vs training time (frozen model: {frozen:.3f})")  # fmt: skip
+    for axes in (accuracy_axes, loss_axes):
+        axes.grid(alpha=0.3)
     save_figure(figure, path)
+
+
+def write_report(report: dict, output: Path) -> str:
+    """quality.json, quality.md and quality.png in `output`; returns the Markdown table."""
+    from pock_hf.files import atomic_write_text
+
+    task_names = [name for name in report["results"][0]["eval"] if name != "validation_loss"]
+
+    markdown = table(report["results"], task_names)
+    atomic_write_text(output / "quality.json", json.dumps(report, indent=2))
+    atomic_write_text(output / "quality.md", markdown + "\n")
+    plot(report["results"], task_names, output / "quality.png")
+    return markdown
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -171,6 +201,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tasks", default=",".join(TRAIN_SETS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=Path("runs/quality"))
+    parser.add_argument("--report-only", action="store_true", help="redraw the table and plot from quality.json")
     return parser.parse_args(argv)
 
 
@@ -180,14 +211,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     from pock_hf.data import InstructionCollator
     from pock_hf.default_model import load_model_and_tokenizer
-    from pock_hf.files import atomic_write_text
     from pock_hf.sensitivity import as_examples, fixed_batches
 
     args = parse_args(argv)
     args.output.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        report = json.loads((args.output / "quality.json").read_text())
+        print(write_report(report, args.output))
+        return report
     torch.manual_seed(args.seed)
-    task_names = args.tasks.split(",")
-    tasks = [resolve_task(name, args.data_dir, limit=args.limit) for name in task_names]
+    tasks = [resolve_task(name, args.data_dir, limit=args.limit) for name in args.tasks.split(",")]
     settings = Settings(limit=args.limit, batch_size=args.eval_batch, seed=args.seed, progress=True)
     base, tokenizer = load_model_and_tokenizer(args.model)
     rows = training_rows(args.data_dir, args.seed)
@@ -228,11 +261,8 @@ def main(argv: list[str] | None = None) -> dict:
                  "eval": evaluate(model, tokenizer, tasks, validation_batches, settings)}
             )  # fmt: skip
         del model
-    markdown = table(results, [task.name for task in tasks])
     report = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "results": results}
-    atomic_write_text(args.output / "quality.json", json.dumps(report, indent=2))
-    atomic_write_text(args.output / "quality.md", markdown + "\n")
-    plot(results, [task.name for task in tasks], args.output / "quality.png")
+    markdown = write_report(report, args.output)
     print(markdown)
     return report
 

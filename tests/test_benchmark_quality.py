@@ -30,3 +30,7 @@ def test_quality_benchmark_end_to_end(tmp_path):
     assert json.loads((out / "quality.json").read_text())["results"][0]["system"] == "base"
     assert (out / "quality.png").read_bytes()[:4] == b"\x89PNG" and (out / "sensitivity.json").exists()
     assert (out / "quality.md").read_text().count("\n") == len(systems) + 3
+    # --report-only redraws the same table from quality.json without loading a model
+    table = (out / "quality.md").read_text()
+    (out / "quality.md").unlink()
+    assert quality.main(["--output", str(out), "--report-only"]) == report and (out / "quality.md").read_text() == table
