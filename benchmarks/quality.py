@@ -18,8 +18,8 @@ trained on the same commonsense data and evaluated with the pock_eval harness.
    multiple choice) and by validation loss. Equal wall-clock: full fine-tuning and LoRA are also evaluated as they
    were when they had trained for as long as the planned Pock scheme took in total.
 
-Writes `quality.json`, `quality.md` and `quality.png` (accuracy and validation loss against training time) to `--output`; the table,
-cost profile and plans it measured are kept there and reused by a rerun with the same settings.
+Writes `quality.json`, `quality.md` and `quality.png` (accuracy and validation loss against training time) to
+`--output`; the table, cost profile and plans it measured are kept there and reused by a rerun with the same settings.
 """
 
 from __future__ import annotations
