@@ -4,10 +4,11 @@ assertions: the numbers are the benchmark's business)."""
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 
-from .tiny import load_benchmark, save_tiny_checkpoint
+from .tiny import BENCHMARKS, load_benchmark, save_tiny_checkpoint
 
 
 @pytest.fixture
@@ -60,3 +61,15 @@ def test_random_architecture_path_builds_the_named_shape(tmp_path):
     assert row["cut_layer"] == 29 and row["trainable_params"] > 0
     with pytest.raises(SystemExit, match="unknown --architecture"):
         speed.run_one(speed.parse_args(["--architecture", "nonsense", "--setup", "pock"]))
+
+
+def test_gpu_script_runs_with_cpu_overrides(tmp_path):
+    """benchmarks/gpu.sh itself: its --small branch and the pass-through of later arguments, shrunk to a CPU run."""
+    out = tmp_path / "gpu"
+    overrides = ["--device", "cpu", "--dtype", "float32", "--architecture", "SmolLM2-135M-Instruct", "--batch", "1"]
+    overrides += ["--max-length", "16", "--warmup", "0", "--steps", "1", "--last-k", "1", "--setups", "pock"]
+    command = ["bash", str(BENCHMARKS / "gpu.sh"), "--small", *overrides, "--output", str(out)]
+    subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
+    report = json.loads((out / "speed.json").read_text())
+    assert report["settings"]["architecture"] == "SmolLM2-135M-Instruct" and report["settings"]["batch"] == 1
+    assert [row["setup"] for row in report["results"]] == ["pock"] and report["results"][0]["cut_layer"] == 29
