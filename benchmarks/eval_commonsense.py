@@ -39,7 +39,7 @@ def train_adapter(args: argparse.Namespace) -> dict:
     from pock_hf.training import make_optimizer, training_step
 
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model_and_tokenizer()
+    model, tokenizer = load_model_and_tokenizer(args.model)
     rows = [
         row for name in TRAIN_SETS for row in load_instruction_rows(args.data_dir / f"commonsense/{name}/train.json")
     ]
@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     from pock_eval.runner import Settings, run_evaluation
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="hub id or local path; default: embedded SmolLM2-135M-Instruct")
     parser.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     parser.add_argument("--output", type=Path, default=Path("runs/eval_commonsense"))
     parser.add_argument("--figure", type=Path, default=None, help="copy the bar chart here (the README's image)")
@@ -94,7 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"Trained {training['trainable_params']:,} weights for {args.steps} steps in {training['train_seconds']:.0f} s"
     )
-    systems = [System("SmolLM2-135M-Instruct"), System("+ Pock adapter", adapter=str(args.output / "adapter"))]
+    label = Path(args.model).name if args.model else "SmolLM2-135M-Instruct"
+    systems = [System(label, args.model), System("+ Pock adapter", args.model, str(args.output / "adapter"))]
     settings = Settings(limit=args.limit, batch_size=args.eval_batch, seed=args.seed)
     summary = run_evaluation(systems, TASKS, output=args.output / "eval", data_dir=args.data_dir, settings=settings)
     (args.output / "training.json").write_text(json.dumps(training, indent=2) + "\n")
