@@ -81,7 +81,8 @@ def layers_of(scheme: dict, table) -> list[int]:
     return sorted({int(name[len(prefix) :].split(".")[0]) for name in scheme})
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], baseline: float, path: Path) -> None:
+    """Measured against predicted gain, on an axis from zero to the largest possible gain (the frozen loss)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,12 +93,46 @@ def plot(rows: list[dict], path: Path) -> None:
     figure, axes = plt.subplots(figsize=(6, 4))
     for row in rows:
         axes.scatter(row["predicted_gain"], row["measured_gain"], color="tab:green" if row["planned"] else "tab:grey")
-        axes.annotate(row["label"], (row["predicted_gain"], row["measured_gain"]), fontsize=7, xytext=(3, 2),
-                      textcoords="offset points")  # fmt: skip
-    axes.set(xlabel="predicted gain (sum of table gains)", ylabel="measured gain (validation loss drop)",
+        point = (row["predicted_gain"], row["measured_gain"])
+        axes.annotate(layer_span(row["layers"]), point, fontsize=7, xytext=(-8, -12), textcoords="offset points")
+    axes.axhline(baseline, color="tab:red", linestyle="--", linewidth=1, label="frozen loss (largest possible gain)")
+    axes.set_ylim(0, baseline * 1.1)
+    axes.legend(loc="lower right", fontsize=8)
+    axes.set(xlabel="predicted gain (sum of table gains); labels: updated layers",
+             ylabel="measured gain (validation loss drop)",
              title="Planned schemes: predicted vs measured gain")  # fmt: skip
     axes.grid(alpha=0.3)
     save_figure(figure, path)
+
+
+def write_report(result: dict, output: Path) -> str:
+    """fidelity.json, fidelity.md and fidelity.png in `output`; returns the Markdown."""
+    from pock_hf.files import atomic_write_text
+
+    settings, rows = result["settings"], result["schemes"]
+    lines = [
+        f"Measured mode: {result['units']} layer units x 1 ratio ({settings['ratio']}), {settings['steps']} steps "
+        f"each: {result['measured_seconds']:.0f} s. Proxy mode: {result['proxy_seconds']:.0f} s. Spearman rank "
+        f"correlation proxy vs measured: {result['spearman_measured_vs_proxy']:.2f}. Predicted vs measured gain over "
+        f"the {len({tuple(row['layers']) for row in rows})} distinct schemes below: "
+        f"{result['spearman_predicted_vs_measured_gain']:.2f}.",
+        "",
+        f"| budget (MB) | scheme | layers | predicted memory (MB) | predicted gain | measured gain after "
+        f"{settings['compare_steps']} steps (frozen loss {result['baseline_loss']:.4f}) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        kind = "planned" if row["planned"] else f"last {row['k']} by hand"
+        cells = [f"{row['budget_mb']:.0f}", kind, layer_span(row["layers"]), f"{row['predicted_memory_mb']:.0f}",
+                 f"{row['predicted_gain']:.3f}", f"{row['measured_gain']:.3f}"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    if all(row["planned"] for row in rows):
+        lines += ["", "Every plan is the last k layers at its budget."]
+    markdown = "\n".join(lines) + "\n"
+    atomic_write_text(output / "fidelity.json", json.dumps(result, indent=2))
+    atomic_write_text(output / "fidelity.md", markdown)
+    plot(rows, result["baseline_loss"], output / "fidelity.png")
+    return markdown
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -116,6 +151,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="one memory budget per depth k: that of updating the last k layers")  # fmt: skip
     parser.add_argument("--compare-steps", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--report-only", action="store_true", help="redraw the table and plot from fidelity.json")
     return parser.parse_args(argv)
 
 
@@ -124,12 +160,15 @@ def main(argv: list[str] | None = None) -> dict:
     from pock_hf.costs import CostProfile, profile_costs
     from pock_hf.data import InstructionCollator, tokenize_rows
     from pock_hf.default_model import load_model_and_tokenizer
-    from pock_hf.files import atomic_write_text
     from pock_hf.planner import make_plan
     from pock_hf.sensitivity import fixed_batches, measure_sensitivity, trial_loss
 
     args = parse_args(argv)
     args.output.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        result = json.loads((args.output / "fidelity.json").read_text())
+        print(write_report(result, args.output))
+        return result
     model, tokenizer = load_model_and_tokenizer(args.model)
     train_rows, eval_rows = commonsense_rows(args.data_dir, args.per_set, args.eval_per_set, args.seed)
     train, _ = tokenize_rows(train_rows, tokenizer, max_length=args.max_length)
@@ -182,10 +221,8 @@ def main(argv: list[str] | None = None) -> dict:
             candidates.append(("last k", last_k_scheme, sum(measured[layer] for layer in last_k), last_k_mb))
         for kind, scheme, predicted, memory in candidates:
             rows.append({"budget_mb": last_k_mb * 1.01, "k": k, "planned": kind == "planned",
-                         "label": f"{kind}, {last_k_mb * 1.01:.0f} MB", "layers": layers_of(scheme, table),
-                         "predicted_memory_mb": memory, "predicted_gain": predicted,
-                         "measured_gain": measured_gain(scheme)})  # fmt: skip
-    planned = [row for row in rows if row["planned"]]
+                         "layers": layers_of(scheme, table), "predicted_memory_mb": memory,
+                         "predicted_gain": predicted, "measured_gain": measured_gain(scheme)})  # fmt: skip
     distinct = {tuple(row["layers"]): row for row in rows}.values()
     result = {
         "settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
@@ -199,27 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
         ),
         "schemes": rows,
     }
-    lines = [
-        f"Measured mode: {len(layers)} layer units x 1 ratio ({args.ratio}), {args.steps} steps each: "
-        f"{result['measured_seconds']:.0f} s. Proxy mode: {result['proxy_seconds']:.0f} s. "
-        f"Spearman rank correlation proxy vs measured: {rho_tables:.2f}. Predicted vs measured gain over the "
-        f"{len(distinct)} distinct schemes below: {result['spearman_predicted_vs_measured_gain']:.2f}.",
-        "",
-        f"| budget (MB) | scheme | layers | predicted memory (MB) | predicted gain | measured gain after "
-        f"{args.compare_steps} steps (frozen loss {table.baseline:.4f}) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        kind = "planned" if row["planned"] else f"last {row['k']} by hand"
-        cells = [f"{row['budget_mb']:.0f}", kind, layer_span(row["layers"]), f"{row['predicted_memory_mb']:.0f}",
-                 f"{row['predicted_gain']:.3f}", f"{row['measured_gain']:.3f}"]  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
-    if len(planned) == len(rows):
-        lines += ["", "Every plan is the last k layers at its budget."]
-    atomic_write_text(args.output / "fidelity.json", json.dumps(result, indent=2))
-    atomic_write_text(args.output / "fidelity.md", "\n".join(lines) + "\n")
-    plot(rows, args.output / "fidelity.png")
-    print("\n".join(lines))
+    print(write_report(result, args.output))
     return result
 
 

@@ -43,3 +43,9 @@ def test_fidelity_benchmark_end_to_end(tmp_path):
     # cached tables and costs are reused: a rerun measures nothing again and reports the same schemes
     stamp = (out / "measured.json").stat().st_mtime_ns
     assert fidelity.main(argv)["schemes"] == result["schemes"] and (out / "measured.json").stat().st_mtime_ns == stamp
+    # --report-only redraws the same table from fidelity.json without loading a model
+    table = (out / "fidelity.md").read_text()
+    (out / "fidelity.md").unlink()
+    assert (
+        fidelity.main(["--output", str(out), "--report-only"]) == result and (out / "fidelity.md").read_text() == table
+    )

@@ -33,4 +33,6 @@ def test_quality_benchmark_end_to_end(tmp_path):
     # --report-only redraws the same table from quality.json without loading a model
     table = (out / "quality.md").read_text()
     (out / "quality.md").unlink()
-    assert quality.main(["--output", str(out), "--report-only"]) == report and (out / "quality.md").read_text() == table
+    assert (
+        quality.main(["--output", str(out), "--report-only"]) == report and (out / "quality.md").read_text() == table
+    )
