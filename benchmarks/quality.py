@@ -178,7 +178,6 @@ def write_report(report: dict, output: Path) -> str:
     from pock_hf.files import atomic_write_text
 
     task_names = [name for name in report["results"][0]["eval"] if name != "validation_loss"]
-
     markdown = table(report["results"], task_names)
     atomic_write_text(output / "quality.json", json.dumps(report, indent=2))
     atomic_write_text(output / "quality.md", markdown + "\n")

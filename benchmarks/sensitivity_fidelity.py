@@ -76,9 +76,9 @@ def layer_span(layers: list[int]) -> str:
     return f"{layers[0]}-{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else str(layers)
 
 
-def layers_of(scheme: dict, table) -> list[int]:
-    prefix = table.layers_name + "."
-    return sorted({int(name[len(prefix) :].split(".")[0]) for name in scheme})
+def distinct_schemes(rows: list[dict]) -> list[dict]:
+    """One row per distinct scheme (a plan can equal its last-k scheme, or another budget's plan)."""
+    return list({tuple(row["layers"]): row for row in rows}.values())
 
 
 def plot(rows: list[dict], baseline: float, path: Path) -> None:
@@ -92,8 +92,8 @@ def plot(rows: list[dict], baseline: float, path: Path) -> None:
 
     figure, axes = plt.subplots(figsize=(6, 4))
     for row in rows:
-        axes.scatter(row["predicted_gain"], row["measured_gain"], color="tab:green" if row["planned"] else "tab:grey")
         point = (row["predicted_gain"], row["measured_gain"])
+        axes.scatter(*point, color="tab:green" if row["planned"] else "tab:grey")
         axes.annotate(layer_span(row["layers"]), point, fontsize=7, xytext=(-8, -12), textcoords="offset points")
     axes.axhline(baseline, color="tab:red", linestyle="--", linewidth=1, label="frozen loss (largest possible gain)")
     axes.set_ylim(0, baseline * 1.1)
@@ -114,7 +114,7 @@ def write_report(result: dict, output: Path) -> str:
         f"Measured mode: {result['units']} layer units x 1 ratio ({settings['ratio']}), {settings['steps']} steps "
         f"each: {result['measured_seconds']:.0f} s. Proxy mode: {result['proxy_seconds']:.0f} s. Spearman rank "
         f"correlation proxy vs measured: {result['spearman_measured_vs_proxy']:.2f}. Predicted vs measured gain over "
-        f"the {len({tuple(row['layers']) for row in rows})} distinct schemes below: "
+        f"the {len(distinct_schemes(rows))} distinct schemes below: "
         f"{result['spearman_predicted_vs_measured_gain']:.2f}.",
         "",
         f"| budget (MB) | scheme | layers | predicted memory (MB) | predicted gain | measured gain after "
@@ -216,14 +216,15 @@ def main(argv: list[str] | None = None) -> dict:
         # The planner rounds unit costs up on a 1 MB grid (so a plan always fits); 1% of slack keeps the hand-made
         # scheme, which fills its own budget exactly, within the planner's reach.
         plan = make_plan(table, costs, budget_mb=last_k_mb * 1.01)
-        candidates = [("planned", plan.scheme, plan.predicted_gain, plan.predicted_memory_mb)]
+        plan_layers = sorted({unit[0] for unit in plan.units})
+        candidates = [(True, plan.scheme, plan_layers, plan.predicted_gain, plan.predicted_memory_mb)]
         if plan.scheme != last_k_scheme:
-            candidates.append(("last k", last_k_scheme, sum(measured[layer] for layer in last_k), last_k_mb))
-        for kind, scheme, predicted, memory in candidates:
-            rows.append({"budget_mb": last_k_mb * 1.01, "k": k, "planned": kind == "planned",
-                         "layers": layers_of(scheme, table), "predicted_memory_mb": memory,
-                         "predicted_gain": predicted, "measured_gain": measured_gain(scheme)})  # fmt: skip
-    distinct = {tuple(row["layers"]): row for row in rows}.values()
+            candidates.append((False, last_k_scheme, last_k, sum(measured[layer] for layer in last_k), last_k_mb))
+        for planned, scheme, scheme_layers, predicted, memory in candidates:
+            rows.append({"budget_mb": last_k_mb * 1.01, "k": k, "planned": planned, "layers": scheme_layers,
+                         "predicted_memory_mb": memory, "predicted_gain": predicted,
+                         "measured_gain": measured_gain(scheme)})  # fmt: skip
+    distinct = distinct_schemes(rows)
     result = {
         "settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
         "measured_seconds": table.settings["seconds"],

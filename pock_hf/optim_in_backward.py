@@ -51,7 +51,8 @@ class OptimizerInBackward:
             raise ValueError("No parameter requires grad: there is nothing to optimize.")
         self.accumulation_steps = accumulation_steps
         self.optimizers = {p: optimizer_class([p], **optimizer_kwargs) for p in self.parameters}
-        # one learning rate for all, read at each update, so a scheduler (or `training.set_learning_rate`) can drive it between steps
+        # one learning rate for all, read at each update, so a scheduler (or `training.set_learning_rate`) can drive
+        # it between steps
         self.param_groups = [{"params": self.parameters, "lr": self.optimizers[self.parameters[0]].defaults["lr"]}]
         self._passes = {p: 0 for p in self.parameters}
         self._handles = [p.register_post_accumulate_grad_hook(self._step) for p in self.parameters]
