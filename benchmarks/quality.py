@@ -92,7 +92,7 @@ def train(
 ) -> tuple[list[float], float, tuple[int, dict] | None]:
     """Train on `batches`; returns the losses, the training time (s) and, when `snapshot_at_s` is given, the step
     count and trainable state at the step where the elapsed time first reached it."""
-    from pock_hf.training import make_optimizer, training_step
+    from pock_hf.engine.training import make_optimizer, training_step
 
     model.train()
     optimizer = make_optimizer(model, lr=lr)
@@ -111,7 +111,7 @@ def evaluate(model, tokenizer, tasks, validation_batches, settings) -> dict:
     from pock_eval.runner import evaluate_task, summarize
     from pock_eval.stats import majority_rate
 
-    from pock_hf.sensitivity import evaluate_loss
+    from pock_hf.planning.sensitivity import evaluate_loss
 
     model.eval()
     result = {"validation_loss": evaluate_loss(model, validation_batches)}
@@ -148,7 +148,7 @@ def plot(rows: list[dict], task_names: list[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pock_hf.files import save_figure
+    from pock_hf.io.files import save_figure
 
     figure, (accuracy_axes, loss_axes) = plt.subplots(1, 2, figsize=(12, 4.5))
     for row in rows:
@@ -175,7 +175,7 @@ def plot(rows: list[dict], task_names: list[str], path: Path) -> None:
 
 def write_report(report: dict, output: Path) -> str:
     """quality.json, quality.md and quality.png in `output`; returns the Markdown table."""
-    from pock_hf.files import atomic_write_text
+    from pock_hf.io.files import atomic_write_text
 
     task_names = [name for name in report["results"][0]["eval"] if name != "validation_loss"]
     markdown = table(report["results"], task_names)
@@ -209,8 +209,8 @@ def main(argv: list[str] | None = None) -> dict:
     from pock_eval.spec import resolve_task
 
     from pock_hf.data import InstructionCollator
-    from pock_hf.default_model import load_model_and_tokenizer
-    from pock_hf.sensitivity import as_examples, fixed_batches
+    from pock_hf.data.default_model import load_model_and_tokenizer
+    from pock_hf.planning.sensitivity import as_examples, fixed_batches
 
     args = parse_args(argv)
     args.output.mkdir(parents=True, exist_ok=True)

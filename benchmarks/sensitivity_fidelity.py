@@ -59,7 +59,7 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 
 def cached_table(path: Path, measure):
-    from pock_hf.table import SensitivityTable
+    from pock_hf.planning.table import SensitivityTable
 
     if path.exists():
         return SensitivityTable.from_json(path)
@@ -88,7 +88,7 @@ def plot(rows: list[dict], baseline: float, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pock_hf.files import save_figure
+    from pock_hf.io.files import save_figure
 
     figure, axes = plt.subplots(figsize=(6, 4))
     for row in rows:
@@ -107,7 +107,7 @@ def plot(rows: list[dict], baseline: float, path: Path) -> None:
 
 def write_report(result: dict, output: Path) -> str:
     """fidelity.json, fidelity.md and fidelity.png in `output`; returns the Markdown."""
-    from pock_hf.files import atomic_write_text
+    from pock_hf.io.files import atomic_write_text
 
     settings, rows = result["settings"], result["schemes"]
     lines = [
@@ -157,11 +157,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     from pock_hf import PockConfig
-    from pock_hf.costs import CostProfile, profile_costs
+    from pock_hf.planning.costs import CostProfile, profile_costs
     from pock_hf.data import InstructionCollator, tokenize_rows
-    from pock_hf.default_model import load_model_and_tokenizer
-    from pock_hf.planner import make_plan
-    from pock_hf.sensitivity import fixed_batches, measure_sensitivity, trial_loss
+    from pock_hf.data.default_model import load_model_and_tokenizer
+    from pock_hf.planning.planner import make_plan
+    from pock_hf.planning.sensitivity import fixed_batches, measure_sensitivity, trial_loss
 
     args = parse_args(argv)
     args.output.mkdir(parents=True, exist_ok=True)

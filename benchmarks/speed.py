@@ -8,7 +8,7 @@ mechanism added one at a time, on one machine, in one run.
 
 Every setup runs in its own process (so peak memory is its own: RSS on CPU, `torch.cuda.max_memory_allocated` on a
 GPU), takes `--warmup` steps, then times `--steps` steps (forward + backward + AdamW update) and reports the median.
-Every setup trains on the same batches through the same `pock_hf.training.training_step`. Writes `speed.json`,
+Every setup trains on the same batches through the same `pock_hf.engine.training.training_step`. Writes `speed.json`,
 `speed.md` and `speed.png` to `--output`. The numbers describe this machine at this time; tests never assert them.
 """
 
@@ -47,7 +47,7 @@ DEFAULT_SETUPS = ",".join(SETUPS)
 
 def last_layers_scheme(num_layers: int, last: int, ratio: float) -> dict[str, float]:
     """Every linear module of the last `last` decoder layers at `ratio` of their output channels."""
-    from pock_hf.table import LLAMA_LAYER_MODULES
+    from pock_hf.planning.table import LLAMA_LAYER_MODULES
 
     return {f"model.layers.{i}.{m}": ratio for i in range(num_layers - last, num_layers) for m in LLAMA_LAYER_MODULES}
 
@@ -65,7 +65,7 @@ def build(setup: str, model, scheme: dict[str, float], last_k: int):
     from peft import LoraConfig, get_peft_model
 
     from pock_hf import PockConfig, get_pock_model
-    from pock_hf.quantize import quantize_frozen_linears
+    from pock_hf.tuner.quantize import quantize_frozen_linears
 
     if setup in ("full", "forward"):
         return model
@@ -127,7 +127,7 @@ def random_model_and_batches(args, device: torch.device):
 
 def model_and_batches(args, device: torch.device):
     """The model (on `device`) and the batches: random ones for `--architecture`, else a checkpoint and real data."""
-    from pock_hf.default_model import load_model_and_tokenizer
+    from pock_hf.data.default_model import load_model_and_tokenizer
 
     if args.architecture:
         model, data = random_model_and_batches(args, device)
@@ -141,7 +141,7 @@ def model_and_batches(args, device: torch.device):
 def run_one(args) -> dict:
     """Time one setup in this process; returns its row."""
     from pock_hf import PrefixCache
-    from pock_hf.training import make_optimizer, peak_memory_mb, training_step
+    from pock_hf.engine.training import make_optimizer, peak_memory_mb, training_step
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -193,7 +193,7 @@ def write_profile(step, batch: dict, context, path: Path) -> None:
     """One more step under `torch.profiler`: the operators by total CPU time, as a text table at `path`."""
     from torch.profiler import ProfilerActivity, profile
 
-    from pock_hf.files import atomic_write_text
+    from pock_hf.io.files import atomic_write_text
 
     with context(), profile(activities=[ProfilerActivity.CPU]) as profiler:
         step(batch)
@@ -231,7 +231,7 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pock_hf.files import save_figure
+    from pock_hf.io.files import save_figure
 
     names = [r["setup"] for r in results]
     figure, (time_axes, memory_axes) = plt.subplots(1, 2, figsize=(11, 0.45 * len(results) + 1.5), sharey=True)
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return []
     from tqdm.auto import tqdm
 
-    from pock_hf.files import atomic_write_text
+    from pock_hf.io.files import atomic_write_text
 
     argv = sys.argv[1:] if argv is None else argv
     results = []

@@ -8,7 +8,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from pock_hf.default_model import ensure_pad_token
+from pock_hf.data.default_model import ensure_pad_token
 
 
 @torch.no_grad()

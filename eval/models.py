@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from pock_hf.default_model import DEFAULT_MODEL, load_model_and_tokenizer
+from pock_hf.data.default_model import DEFAULT_MODEL, load_model_and_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

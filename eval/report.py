@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from pock_hf.files import atomic_write_text, save_figure
+from pock_hf.io.files import atomic_write_text, save_figure
 
 
 def _percent(value: float | None) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from pock_hf.files import atomic_write_text
+from pock_hf.io.files import atomic_write_text
 
 from .extract import extract_answer, is_correct
 from .generate import generate_until

@@ -7,7 +7,7 @@ import torch
 from peft import PeftModel
 from pock_hf import PockConfig, get_pock_model
 from pock_hf.data import InstructionCollator, tokenize_rows
-from pock_hf.default_model import load_model_and_tokenizer
+from pock_hf.data.default_model import load_model_and_tokenizer
 
 model, tokenizer = load_model_and_tokenizer()  # embedded SmolLM2-135M-Instruct; or any hub id / local path
 scheme = {f"model.layers.{i}.mlp.{m}": 0.25 for i in range(24, 30) for m in ("gate_proj", "up_proj", "down_proj")}

@@ -119,10 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_sensitivity(args: argparse.Namespace) -> None:
-    from .costs import profile_costs
-    from .data import load_instruction_rows
-    from .default_model import load_model_and_tokenizer
-    from .sensitivity import measure_sensitivity
+    from .data.default_model import load_model_and_tokenizer
+    from .data.instructions import load_instruction_rows
+    from .planning.costs import profile_costs
+    from .planning.sensitivity import measure_sensitivity
 
     rows = load_instruction_rows(args.data)
     if args.eval_data:
@@ -172,10 +172,10 @@ def run_sensitivity(args: argparse.Namespace) -> None:
 
 
 def run_plan(args: argparse.Namespace) -> None:
-    from .costs import DEVICE_BUDGETS_MB, CostProfile
-    from .files import atomic_write_text
-    from .planner import make_plan, plan_report, plot_gain_vs_budget
-    from .table import SensitivityTable
+    from .io.files import atomic_write_text
+    from .planning.costs import DEVICE_BUDGETS_MB, CostProfile
+    from .planning.planner import make_plan, plan_report, plot_gain_vs_budget
+    from .planning.table import SensitivityTable
 
     budget_mb = args.budget_mb
     if args.device:

@@ -4,7 +4,7 @@ The main job itself is the recipe with the demo config (what `make demo` runs):
 
     python recipes/finetune.py --config recipes/configs/demo_cpu.yaml
 
-It trains on the generated profile of `pock_hf.personal_data` and calls this module to ask the model questions
+It trains on the generated profile of `pock_hf.data.personal` and calls this module to ask the model questions
 (greedy, through the chat template), score held-out fact recall and general-answer retention, draw the loss curve
 and print the before/after table.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .personal_data import PersonalDataset, fact_recall
+from .data.personal import PersonalDataset, fact_recall
 
 
 @torch.no_grad()

@@ -53,7 +53,7 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    """`train`: `personal` (generated, see `pock_hf.personal_data`), a `.json`/`.jsonl` file, or a hub data set id
+    """`train`: `personal` (generated, see `pock_hf.data.personal`), a `.json`/`.jsonl` file, or a hub data set id
     (read with `datasets.load_dataset`, split `split`). `eval`: held-out rows for the held-out loss; without it the
     last `eval_rows` rows of `train` are held out. `max_rows`: use only the first N training rows. `max_length`:
     tokens per row (longer answers are cut, rows whose prompt alone is that long are dropped and counted).
@@ -118,7 +118,7 @@ class LoraSection:
 
 @dataclass
 class BudgetSection:
-    """Training-memory budget: a device preset of `pock_hf.costs.DEVICE_BUDGETS_MB` and/or `memory_mb` (MB; the
+    """Training-memory budget: a device preset of `pock_hf.planning.costs.DEVICE_BUDGETS_MB` and/or `memory_mb` (MB; the
     smaller wins), and optionally a step-time budget `time_ratio` (fraction of a full fine-tuning step). The planner
     plans under it; any other scheme is checked against it before training."""
 
@@ -319,7 +319,7 @@ def check_output_subpath(value: str, key: str, source: str = "config") -> None:
 
 def validate(config: RecipeConfig, source: str = "config") -> None:
     """Check values and combinations that need no model; see `load_recipe_config` for what is raised."""
-    from .costs import DEVICE_BUDGETS_MB  # lazy: costs imports torch-heavy modules
+    from .planning.costs import DEVICE_BUDGETS_MB  # lazy: costs imports torch-heavy modules
 
     _choice(config.method, METHODS, "method", source)
     _choice(config.model.dtype, DTYPES, "model.dtype", source)

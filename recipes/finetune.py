@@ -35,18 +35,18 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm.auto import tqdm
 
 from pock_hf import PockConfig, PrefixCache, get_pock_model, make_plan, measure_sensitivity, profile_costs
-from pock_hf.checkpoint import latest_checkpoint, load_checkpoint, restore_trainable, save_checkpoint, set_rng_state
-from pock_hf.costs import DEVICE_BUDGETS_MB, CostProfile
+from pock_hf.io.checkpoint import latest_checkpoint, load_checkpoint, restore_trainable, save_checkpoint, set_rng_state
+from pock_hf.planning.costs import DEVICE_BUDGETS_MB, CostProfile
 from pock_hf.data import InstructionCollator, check_row, load_instruction_rows, tokenize_rows
-from pock_hf.default_model import DEFAULT_MODEL, load_model_and_tokenizer
+from pock_hf.data.default_model import DEFAULT_MODEL, load_model_and_tokenizer
 from pock_hf.demo import evaluate_personal, generate_replies, plot_losses, summary_table
-from pock_hf.depth_cut import find_decoder_layers
-from pock_hf.files import atomic_write_text, read_json_object
-from pock_hf.fingerprint import model_fingerprint
-from pock_hf.memory_plan import MemoryEstimate, estimate_training_memory, meta_llama
-from pock_hf.optim_in_backward import OptimizerInBackward
-from pock_hf.personal_data import REPLAY_PROMPTS, make_personal_dataset, replay_rows, write_personal_dataset
-from pock_hf.planner import Plan, plan_report
+from pock_hf.tuner.depth_cut import find_decoder_layers
+from pock_hf.io.files import atomic_write_text, read_json_object
+from pock_hf.tuner.fingerprint import model_fingerprint
+from pock_hf.planning.memory_plan import MemoryEstimate, estimate_training_memory, meta_llama
+from pock_hf.engine.optim_in_backward import OptimizerInBackward
+from pock_hf.data.personal import REPLAY_PROMPTS, make_personal_dataset, replay_rows, write_personal_dataset
+from pock_hf.planning.planner import Plan, plan_report
 from pock_hf.recipe_config import (
     PERSONAL_DATA,
     RecipeConfig,
@@ -54,9 +54,9 @@ from pock_hf.recipe_config import (
     is_local_data,
     load_recipe_config,
 )
-from pock_hf.sensitivity import evaluate_loss, gradient_channel_indices
-from pock_hf.table import SensitivityTable
-from pock_hf.training import make_optimizer, peak_memory_mb, set_learning_rate, training_step
+from pock_hf.planning.sensitivity import evaluate_loss, gradient_channel_indices
+from pock_hf.planning.table import SensitivityTable
+from pock_hf.engine.training import make_optimizer, peak_memory_mb, set_learning_rate, training_step
 
 ARCHITECTURES = Path(__file__).with_name("architectures.yaml")
 # Sharded data parallelism would split the frozen weights too; Pock trains a small set of channels, so plain DDP

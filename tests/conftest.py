@@ -6,7 +6,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from pock_hf.default_model import DEFAULT_MODEL, GGUF_FILE, cache_root, gguf_folder, load_model_and_tokenizer
+from pock_hf.data.default_model import DEFAULT_MODEL, GGUF_FILE, cache_root, gguf_folder, load_model_and_tokenizer
 
 # A Llama-3-style template: BOS in the text, no default system prompt, content trimmed, nothing after <|eot_id|>.
 LLAMA3_TEMPLATE = (

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from pock_hf import PockConfig, get_pock_model
-from pock_hf.checkpoint import (
+from pock_hf.engine.training import make_optimizer, training_step
+from pock_hf.io.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -16,7 +17,6 @@ from pock_hf.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from pock_hf.training import make_optimizer, training_step
 
 from .tiny import tiny_batch, tiny_llama
 

@@ -8,8 +8,8 @@ import pytest
 
 from pock_hf import PockConfig
 from pock_hf.cli import main
-from pock_hf.costs import CostProfile
-from pock_hf.table import SensitivityTable
+from pock_hf.planning.costs import CostProfile
+from pock_hf.planning.table import SensitivityTable
 
 from .tiny import save_tiny_checkpoint
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pock_hf.costs import CostProfile, profile_costs
+from pock_hf.planning.costs import CostProfile, profile_costs
 
 from .tiny import tiny_llama
 

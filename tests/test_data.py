@@ -17,7 +17,7 @@ from pock_hf.data import (
     tokenize_example,
     tokenize_rows,
 )
-from pock_hf.personal_data import fact_recall, make_personal_dataset, write_personal_dataset
+from pock_hf.data.personal import fact_recall, make_personal_dataset, write_personal_dataset
 from tests.conftest import byte_tokenizer
 
 ALPACA = {"instruction": "Name a primary colour.", "input": "Pick one.", "output": "Blue is a primary colour."}

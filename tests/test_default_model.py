@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pock_hf import default_model
-from pock_hf.default_model import DEFAULT_MODEL, default_model_path, load_model_and_tokenizer
+from pock_hf.data import default_model
+from pock_hf.data.default_model import DEFAULT_MODEL, default_model_path, load_model_and_tokenizer
 from tests.conftest import byte_tokenizer
 from tests.tiny import tiny_llama
 

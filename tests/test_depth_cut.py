@@ -135,7 +135,7 @@ def test_no_backward_below_cut_inside_trainer_with_gradient_checkpointing(tmp_pa
 def test_training_that_reaches_no_adapter_parameter_fails_loudly(monkeypatch):
     """Safety net: with the reentrant protection switched off, a reentrant checkpoint of the cut layer hands its
     parameters no gradient. A loss that still requires grad through another route must not train silently."""
-    from pock_hf import depth_cut
+    from pock_hf.tuner import depth_cut
 
     monkeypatch.setattr(depth_cut, "_checkpoints_reentrant", lambda layer: False)
     model, _ = wrapped({"model.layers.3.mlp.gate_proj": 0.25})

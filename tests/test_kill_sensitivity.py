@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pock_hf.cli import main, partial_path
-from pock_hf.table import SensitivityTable
+from pock_hf.planning.table import SensitivityTable
 
 from .tiny import save_tiny_checkpoint
 

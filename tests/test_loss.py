@@ -7,7 +7,7 @@ import torch
 from torch.autograd.graph import saved_tensors_hooks
 
 from pock_hf import PockConfig, get_pock_model
-from pock_hf.loss import label_only_loss
+from pock_hf.tuner.loss import label_only_loss
 
 from .tiny import TINY_LLAMA, tiny_batch, tiny_llama
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pock_hf import PockConfig, get_pock_model
-from pock_hf.optim_in_backward import OptimizerInBackward
+from pock_hf.engine.optim_in_backward import OptimizerInBackward
 
 from .tiny import tiny_batch, tiny_llama
 

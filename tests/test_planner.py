@@ -9,9 +9,9 @@ import re
 import numpy as np
 import pytest
 
-from pock_hf.costs import CostProfile
-from pock_hf.planner import Plan, gain_vs_budget, make_plan, plan_report, plan_scheme, plot_gain_vs_budget
-from pock_hf.table import WHOLE_LAYER, SensitivityRow, SensitivityTable
+from pock_hf.planning.costs import CostProfile
+from pock_hf.planning.planner import Plan, gain_vs_budget, make_plan, plan_report, plan_scheme, plot_gain_vs_budget
+from pock_hf.planning.table import WHOLE_LAYER, SensitivityRow, SensitivityTable
 from pock_hf.tuner import PockConfig
 
 MODULES = ("self_attn.q_proj", "mlp.up_proj", "mlp.down_proj")

@@ -10,8 +10,8 @@ import torch
 
 from pock_hf import PockConfig, get_pock_model
 from pock_hf.data import InstructionCollator
-from pock_hf.prefix_cache import META_FILE, PrefixCache
-from pock_hf.training import make_optimizer, training_step
+from pock_hf.engine.prefix_cache import META_FILE, PrefixCache
+from pock_hf.engine.training import make_optimizer, training_step
 
 from .tiny import tiny_llama
 

@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pock_hf import PockConfig, get_pock_model
-from pock_hf.costs import CostProfile
 from pock_hf.data import IGNORE_INDEX, DataFormatError, check_row, load_instruction_rows, to_messages, tokenize_example
-from pock_hf.table import SensitivityTable
+from pock_hf.planning.costs import CostProfile
+from pock_hf.planning.table import SensitivityTable
 from pock_hf.tuner.config import validate_scheme
 
 from .conftest import byte_tokenizer

@@ -8,8 +8,8 @@ from peft import PeftModel
 from torch import nn
 
 from pock_hf import PockConfig, get_pock_model
-from pock_hf.quantize import frozen_weight, is_quantized
-from pock_hf.training import make_optimizer, training_step
+from pock_hf.engine.training import make_optimizer, training_step
+from pock_hf.tuner.quantize import frozen_weight, is_quantized
 
 from .tiny import tiny_batch, tiny_llama
 

@@ -18,7 +18,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from pock_hf.checkpoint import is_complete, latest_checkpoint, load_checkpoint
+from pock_hf.io.checkpoint import is_complete, latest_checkpoint, load_checkpoint
 
 from .test_recipe_helpers import RECIPE, ROOT, load_recipe_module, write_config, write_rows
 from .tiny import save_tiny_checkpoint

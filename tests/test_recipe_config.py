@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from pock_hf.memory_plan import meta_llama
+from pock_hf.planning.memory_plan import meta_llama
 from pock_hf.recipe_config import RecipeConfigError, load_recipe_config
 
 from .test_recipe_helpers import CONFIGS, ROOT, load_recipe_module, write_config, write_rows

@@ -13,15 +13,15 @@ import pytest
 import torch
 from peft import PeftModel
 
-from pock_hf import PockConfig, get_pock_model
+from pock_hf import PockConfig, get_pock_model, load_pock_adapter
 from pock_hf.cli import main
-from pock_hf.costs import CostProfile
 from pock_hf.data import DataFormatError, load_instruction_rows, tokenize_rows
-from pock_hf.default_model import load_model_and_tokenizer
-from pock_hf.planner import Plan, make_plan
-from pock_hf.safe_loading import check_adapter_folder, load_pock_adapter
-from pock_hf.sensitivity import measure_sensitivity
-from pock_hf.table import SensitivityTable
+from pock_hf.data.default_model import load_model_and_tokenizer
+from pock_hf.planning.costs import CostProfile
+from pock_hf.planning.planner import Plan, make_plan
+from pock_hf.planning.sensitivity import measure_sensitivity
+from pock_hf.planning.table import SensitivityTable
+from pock_hf.tuner.config import check_adapter_folder
 
 from .conftest import byte_tokenizer
 from .test_planner import random_instance

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from pock_hf import PockConfig, get_pock_model
-from pock_hf.sensitivity import gradient_channel_indices, measure_sensitivity
-from pock_hf.table import SensitivityTable
+from pock_hf.planning.sensitivity import gradient_channel_indices, measure_sensitivity
+from pock_hf.planning.table import SensitivityTable
 
 from .tiny import tiny_batch, tiny_llama
 

@@ -10,7 +10,7 @@ from peft import PeftModel
 
 from pock_hf import PockConfig, get_pock_model
 from pock_hf.data import InstructionCollator, tokenize_rows
-from pock_hf.personal_data import make_personal_dataset
+from pock_hf.data.personal import make_personal_dataset
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ from transformers import Trainer, TrainingArguments
 
 from pock_hf import PockConfig, PrefixCache, get_pock_model
 from pock_hf.data import InstructionCollator
-from pock_hf.trainer import PockTrainer
+from pock_hf.engine.trainer import PockTrainer
 
 from .test_prefix_cache import examples
 from .tiny import tiny_llama

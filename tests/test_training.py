@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pock_hf import PockConfig, get_pock_model
-from pock_hf.training import StepStats, make_optimizer, training_step
+from pock_hf.engine.training import StepStats, make_optimizer, training_step
 
 from .tiny import tiny_batch, tiny_llama
 

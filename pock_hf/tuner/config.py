@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from peft.config import PeftConfig
+from safetensors import SafetensorError, safe_open
 
-from ..files import read_json_object
+from ..io.files import read_json_object
 from .peft_type import POCK_PEFT_TYPE
 
 CHANNEL_AXES = ("out", "in")
@@ -176,11 +180,64 @@ class PockConfig(PeftConfig):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
-        """PEFT's loader, after checking a local adapter folder (`pock_hf.safe_loading.check_adapter_folder`): a
+        """PEFT's loader, after checking a local adapter folder (`check_adapter_folder`): a
         damaged, foreign, newer or pickle-only adapter fails naming the file before anything is loaded."""
         folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
         if os.path.isdir(folder):
-            from ..safe_loading import check_adapter_folder  # safe_loading imports this module
-
             check_adapter_folder(folder)
         return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+
+
+def check_adapter_folder(path: str | os.PathLike) -> None:
+    """Check a saved Pock adapter folder without loading it.
+
+    Raises:
+        ValueError: naming the file, when the folder or its `adapter_config.json` is missing or not a JSON object;
+            the adapter is not a Pock adapter; its config has keys this pock_hf does not know (written by a newer
+            version: PEFT would drop them and load something other than what was saved); it records no base-model
+            fingerprint; the weights exist only as a pickle (`adapter_model.bin`), which pock_hf never reads; or
+            `adapter_model.safetensors` is missing, damaged or cut short.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ValueError(f"Adapter folder {os.fspath(path)!r} does not exist (or is not a folder).")
+    config = read_json_object(folder / CONFIG_NAME, "Adapter config")
+    source = os.fspath(folder / CONFIG_NAME)
+    peft_type = config.get("peft_type")
+    if peft_type != POCK_PEFT_TYPE.value:
+        raise ValueError(f"{source}: peft_type is {peft_type!r}, not {POCK_PEFT_TYPE.value!r}: not a Pock adapter.")
+    known = [field.name for field in dataclasses.fields(PockConfig)]
+    unknown = sorted(key for key in config if key not in known)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(
+            f"{source}: unknown config key(s) {unknown}{hint}. It was probably saved by a newer pock_hf: upgrade "
+            "pock_hf to load it."
+        )
+    if not isinstance(config.get("base_model_fingerprint"), dict):
+        raise ValueError(
+            f"{source}: no base_model_fingerprint, so the adapter cannot be checked against the base model it is "
+            "loaded onto. Save it again with pock_hf (get_pock_model records the fingerprint)."
+        )
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        pickles = [name for name in PICKLE_WEIGHTS_NAMES if (folder / name).exists()]
+        found = (
+            f" It holds {pickles[0]}, a pickle, which pock_hf never reads (a pickle can run code)." if pickles else ""
+        )
+        raise ValueError(f"Adapter folder {os.fspath(folder)!r} has no {WEIGHTS_NAME}.{found}")
+    try:
+        with safe_open(weights, framework="pt") as tensors:  # reads and checks the header only
+            names = list(tensors.keys())
+    except (SafetensorError, OSError) as error:
+        raise ValueError(
+            f"{os.fspath(weights)} is damaged or cut short (an interrupted copy or download?): {error}"
+        ) from None
+    if not names:
+        raise ValueError(f"{os.fspath(weights)} holds no tensors.")

@@ -9,7 +9,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ..quantize import frozen_weight, set_frozen_weight
+from .quantize import frozen_weight, set_frozen_weight
 from .sparse_backward import add_sparse_delta, delta_to_dense
 
 

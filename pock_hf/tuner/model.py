@@ -9,12 +9,12 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from ..depth_cut import DepthCut, compute_cut, find_decoder_layers, install_depth_cut, layer_index_of, remove_depth_cut
-from ..fingerprint import architecture_fingerprint, check_fingerprint
-from ..loss import install_label_only_loss, remove_label_only_loss
-from ..quantize import frozen_weight, quantize_frozen_linears
 from .config import PockConfig
+from .depth_cut import DepthCut, compute_cut, find_decoder_layers, install_depth_cut, layer_index_of, remove_depth_cut
+from .fingerprint import architecture_fingerprint, check_fingerprint
 from .layer import Linear, PockLayer
+from .loss import install_label_only_loss, remove_label_only_loss
+from .quantize import frozen_weight, quantize_frozen_linears
 from .sparse_backward import channel_count, select_channels
 
 

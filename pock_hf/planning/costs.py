@@ -21,13 +21,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .depth_cut import find_decoder_layers
-from .files import atomic_write_text, check_format_version, dataclass_from_json, read_json_object
-from .fingerprint import check_model_fingerprint, model_fingerprint
+from ..io.files import atomic_write_text, check_format_version, dataclass_from_json, read_json_object
+from ..tuner import PockConfig, get_pock_model
+from ..tuner.depth_cut import find_decoder_layers
+from ..tuner.fingerprint import check_model_fingerprint, model_fingerprint
+from ..tuner.sparse_backward import channel_count
 from .sensitivity import layer_module_paths
 from .table import WHOLE_LAYER
-from .tuner import PockConfig
-from .tuner.sparse_backward import channel_count
 
 COSTS_FORMAT_VERSION = 1
 MB = 2**20
@@ -238,8 +238,6 @@ def _training_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimiz
 
 
 def _wrapped_step_s(model: nn.Module, scheme: dict[str, float], batch: dict, repeats: int) -> float:
-    from . import get_pock_model
-
     wrapped = get_pock_model(model, PockConfig(scheme=scheme, channel_selection="first"))
     wrapped.train()
     # lr 0: the optimizer does all its work but changes nothing
@@ -252,8 +250,6 @@ def _wrapped_step_s(model: nn.Module, scheme: dict[str, float], batch: dict, rep
 
 def _activation_mb(model: nn.Module, scheme: dict[str, float], batch: dict) -> float:
     """MB of the tensors autograd saves for backward in one forward (parameters excluded), with this scheme's cut."""
-    from . import get_pock_model
-
     wrapped = get_pock_model(model, PockConfig(scheme=scheme, channel_selection="first"))
     wrapped.train()
     weights = {p.untyped_storage().data_ptr() for p in wrapped.parameters()}

@@ -28,10 +28,10 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
-from .depth_cut import find_decoder_layers
-from .files import atomic_write_bytes, atomic_write_text, check_format_version, read_json_object
-from .fingerprint import weights_digest
-from .forward_patch import patch_forward, unpatch_forward
+from ..io.files import atomic_write_bytes, atomic_write_text, check_format_version, read_json_object
+from ..tuner.depth_cut import find_decoder_layers
+from ..tuner.fingerprint import weights_digest
+from ..tuner.forward_patch import patch_forward, unpatch_forward
 
 FORMAT_VERSION = 1
 CACHE_TAG = "_pock_forward_before_prefix_cache"

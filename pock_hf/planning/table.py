@@ -12,8 +12,8 @@ from pathlib import Path
 
 from torch import nn
 
-from .files import atomic_write_text, check_format_version, dataclass_from_json, read_json_object, save_figure
-from .fingerprint import check_model_fingerprint, model_fingerprint
+from ..io.files import atomic_write_text, check_format_version, dataclass_from_json, read_json_object, save_figure
+from ..tuner.fingerprint import check_model_fingerprint, model_fingerprint
 
 TABLE_FORMAT_VERSION = 1
 WHOLE_LAYER = "*"

@@ -22,13 +22,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import InstructionCollator, tokenize_rows
-from .depth_cut import find_decoder_layers
-from .fingerprint import model_fingerprint
+from ..data.instructions import InstructionCollator, tokenize_rows
+from ..engine.training import labelled_token_count
+from ..tuner import PockConfig, get_pock_model
+from ..tuner.depth_cut import find_decoder_layers
+from ..tuner.fingerprint import model_fingerprint
+from ..tuner.sparse_backward import channel_count
 from .table import LLAMA_LAYER_MODULES, WHOLE_LAYER, SensitivityRow, SensitivityTable
-from .training import labelled_token_count
-from .tuner import PockConfig
-from .tuner.sparse_backward import channel_count
 
 METHODS = ("measured", "proxy")
 GRANULARITIES = ("module", "layer")
@@ -238,8 +238,6 @@ def trial_loss(
 ) -> float:
     """Validation loss after training the Pock adapter `config` on `train_batches` (one AdamW step each, learning
     rate `lr`). The base model comes back untouched: the adapter is unloaded, and the deltas lived beside the weights."""
-    from . import get_pock_model
-
     torch.manual_seed(seed)
     wrapped = get_pock_model(model, config)
     optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)

@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .files import atomic_write_text, check_format_version, dataclass_from_json, read_json_object, save_figure
+from ..io.files import atomic_write_text, check_format_version, dataclass_from_json, read_json_object, save_figure
+from ..tuner import PockConfig
+from ..tuner.config import CHANNEL_AXES
 from .table import WHOLE_LAYER, SensitivityTable
-from .tuner import PockConfig
-from .tuner.config import CHANNEL_AXES
 
 if TYPE_CHECKING:
     from .costs import CostProfile

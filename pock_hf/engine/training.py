@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .loss import IGNORE_INDEX
+from ..tuner.loss import IGNORE_INDEX
 from .optim_in_backward import OptimizerInBackward
 
 AnyOptimizer = torch.optim.Optimizer | OptimizerInBackward

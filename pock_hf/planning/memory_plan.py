@@ -1,6 +1,6 @@
 """An analytic estimate of training memory, for models this machine cannot load (built on the meta device).
 
-The cost profiler (`pock_hf.costs`) measures a model on the device that trains; a 7B model for a Jetson cannot be
+The cost profiler (`pock_hf.planning.costs`) measures a model on the device that trains; a 7B model for a Jetson cannot be
 profiled here. This estimate needs only the architecture and the scheme:
 
     weights      every parameter in its dtype; with `quantize_frozen`, decoder-layer linear weights at NF4
