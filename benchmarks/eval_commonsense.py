@@ -35,8 +35,8 @@ def train_adapter(args: argparse.Namespace) -> dict:
     from pock_hf import PockConfig, get_pock_model
     from pock_hf.data import InstructionCollator, load_instruction_rows
     from pock_hf.data.default_model import load_model_and_tokenizer
-    from pock_hf.planning.sensitivity import as_examples, fixed_batches
     from pock_hf.engine.training import make_optimizer, training_step
+    from pock_hf.planning.sensitivity import as_examples, fixed_batches
 
     torch.manual_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(args.model)

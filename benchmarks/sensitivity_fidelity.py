@@ -157,11 +157,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     from pock_hf import PockConfig
-    from pock_hf.planning.costs import CostProfile, profile_costs
     from pock_hf.data import InstructionCollator, tokenize_rows
     from pock_hf.data.default_model import load_model_and_tokenizer
+    from pock_hf.planning.costs import CostProfile, profile_costs
     from pock_hf.planning.planner import make_plan
-    from pock_hf.planning.sensitivity import fixed_batches, measure_sensitivity, trial_loss
+    from pock_hf.planning.sensitivity import evaluate_loss, fixed_batches, measure_sensitivity, train_scheme
 
     args = parse_args(argv)
     args.output.mkdir(parents=True, exist_ok=True)
@@ -203,9 +203,9 @@ def main(argv: list[str] | None = None) -> dict:
     def measured_gain(scheme: dict) -> float:
         key = tuple(sorted(scheme.items()))
         if key not in trained:
-            trained[key] = trial_loss(
-                model, PockConfig(scheme=scheme), train_batches, eval_batches, args.lr, args.seed
-            )
+            wrapped = train_scheme(model, PockConfig(scheme=scheme), train_batches, args.lr, args.seed)
+            trained[key] = evaluate_loss(wrapped, eval_batches)
+            wrapped.unload()
         return table.baseline - trained[key]
 
     rows = []
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
         last_k_mb = costs.base_memory_mb(last_k[0]) + k * costs.unit_memory_mb("*", args.ratio)
         # The planner rounds unit costs up on a 1 MB grid (so a plan always fits); 1% of slack keeps the hand-made
         # scheme, which fills its own budget exactly, within the planner's reach.
-        plan = make_plan(table, costs, budget_mb=last_k_mb * 1.01)
+        plan = make_plan(table, costs, budget_mb=last_k_mb * 1.01, spend="budget")
         plan_layers = sorted({unit[0] for unit in plan.units})
         candidates = [(True, plan.scheme, plan_layers, plan.predicted_gain, plan.predicted_memory_mb)]
         if plan.scheme != last_k_scheme:

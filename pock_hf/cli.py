@@ -1,9 +1,12 @@
 """The `pock` command: measure a sensitivity table (and the device's cost profile), then plan a scheme under a budget.
 
     pock sensitivity --data train.json --out runs/sens/table.json            # embedded SmolLM2, measured mode
-    pock sensitivity --model M --data train.json --method proxy --out table.json
+    pock sensitivity --model M --data train.json --method proxy --budget-mb 3000 --out table.json
     pock plan --table table.json --costs costs.json --budget-mb 3000 --out scheme.json
     pock plan --table table.json --costs costs.json --device jetson-orin-nano-8gb --out scheme.json
+
+With a ceiling (`--budget-mb`, `--budget-time-ratio` or `--device`), `pock sensitivity` also trains `--schemes`
+schemes of growing size under it, so that `pock plan` can stop where gain saturates instead of spending the budget.
 
 User mistakes print one clear message and exit with status 2; `--debug` shows the traceback. An interrupted
 `pock sensitivity` resumes from `OUT.partial.json` when run again with the same arguments.
@@ -63,6 +66,26 @@ def parse_layers(text: str) -> list[int]:
     return sorted(layers)
 
 
+def add_budget_arguments(group) -> None:
+    group.add_argument("--budget-mb", type=positive_float, help="peak process memory ceiling in MB")
+    group.add_argument(
+        "--budget-time-ratio", type=positive_float, help="step time as a fraction of a full fine-tuning step"
+    )
+    group.add_argument("--device", help="memory ceiling of a device preset (see `pock plan --help`)")
+
+
+def resolve_budget_mb(args: argparse.Namespace) -> float | None:
+    """`--budget-mb`, or the `--device` preset's, whichever is smaller; None without either."""
+    from .planning.costs import DEVICE_BUDGETS_MB
+
+    if not args.device:
+        return args.budget_mb
+    if args.device not in DEVICE_BUDGETS_MB:
+        raise ValueError(f"Unknown device preset {args.device!r}; presets: {sorted(DEVICE_BUDGETS_MB)}.")
+    preset = DEVICE_BUDGETS_MB[args.device]
+    return preset if args.budget_mb is None else min(args.budget_mb, preset)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pock", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -100,6 +123,19 @@ def build_parser() -> argparse.ArgumentParser:
     sens.add_argument("--batch-size", type=positive_int, default=8)
     sens.add_argument("--max-length", type=positive_int, default=256)
     sens.add_argument("--seed", type=int, default=0)
+    sens.add_argument(
+        "--replay-data",
+        default="probes",
+        help="replay rows for each unit's damage: 'probes' (the base model's replies to everyday prompts, generated "
+        "here), 'none', or a JSON/JSONL file of rows",
+    )
+    sens.add_argument("--proxy-optimizer", choices=("adamw", "sgd"), default="adamw", help="the step the proxy models")
+    sens.add_argument("--micro-batch", type=positive_int, help="rows per proxy backward (memory; same result)")
+    sens.add_argument("--max-grad-mb", type=positive_float, help="proxy: weight gradients held at once, MB")
+    sens.add_argument(
+        "--schemes", type=int, default=4, help="whole schemes to train under the ceiling for the gain model (0: none)"
+    )
+    add_budget_arguments(sens.add_argument_group("ceiling of the measured schemes"))
     sens.add_argument("--no-costs", action="store_true", help="skip profiling this device's costs")
     sens.add_argument("--profile-batch", type=positive_int, default=4, help="batch size of the cost profile")
     sens.add_argument("--profile-seq", type=positive_int, default=128, help="sequence length of the cost profile")
@@ -107,13 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
     plan = commands.add_parser("plan", help="choose the scheme with the best gain under a budget")
     plan.add_argument("--table", type=Path, required=True)
     plan.add_argument("--costs", type=Path, required=True)
-    budget = plan.add_argument_group("budget (at least one)")
-    budget.add_argument("--budget-mb", type=positive_float, help="peak training memory budget in MB")
-    budget.add_argument(
-        "--budget-time-ratio", type=positive_float, help="step time as a fraction of a full fine-tuning step"
-    )
-    budget.add_argument("--device", help="memory budget of a device preset (see `pock plan --help`)")
+    add_budget_arguments(plan.add_argument_group("budget ceiling (at least one)"))
     plan.add_argument("--axis", choices=("out", "in"), default="out")
+    plan.add_argument(
+        "--spend",
+        choices=("gain", "budget"),
+        default="gain",
+        help="gain: the smallest scheme within noise of the best predicted gain; budget: spend the ceiling",
+    )
+    plan.add_argument(
+        "--damage-weight", type=float, default=1.0, help="weight of predicted damage (replay loss increase) vs gain"
+    )
     plan.add_argument("--out", type=Path, required=True, help="scheme JSON; the report (.md) and plot (.png) beside")
     return parser
 
@@ -121,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_sensitivity(args: argparse.Namespace) -> None:
     from .data.default_model import load_model_and_tokenizer
     from .data.instructions import load_instruction_rows
+    from .planning.calibration import measure_schemes
     from .planning.costs import profile_costs
     from .planning.sensitivity import measure_sensitivity
 
@@ -132,7 +173,16 @@ def run_sensitivity(args: argparse.Namespace) -> None:
     else:
         train_rows, eval_rows = rows[: -args.eval_rows], rows[-args.eval_rows :]
     train_rows = train_rows[: args.max_rows] if args.max_rows else train_rows
+    budget_mb = resolve_budget_mb(args)
+    schemes = args.schemes if budget_mb is not None or args.budget_time_ratio is not None else 0
+    if args.schemes < 0 or args.schemes == 1:
+        raise ValueError(f"--schemes must be 0 or at least 2 (a curve needs two points), got {args.schemes}.")
+    if schemes and args.no_costs:
+        raise ValueError(
+            "--schemes needs this device's cost profile to plan them; drop --no-costs or pass --schemes 0."
+        )
     model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    replay = load_replay_rows(args.replay_data, model, tokenizer)
     partial = partial_path(args.out)
     if partial.exists():
         print(f"Resuming the measurement kept in {partial}.")
@@ -152,6 +202,10 @@ def run_sensitivity(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         max_length=args.max_length,
         seed=args.seed,
+        replay_data=replay,
+        proxy_optimizer=args.proxy_optimizer,
+        micro_batch_size=args.micro_batch,
+        max_grad_mb=args.max_grad_mb,
         resume_path=partial,
     )
     table.settings["seconds"] = time.perf_counter() - started  # of this run only, when it resumed
@@ -164,6 +218,23 @@ def run_sensitivity(args: argparse.Namespace) -> None:
     if not args.no_costs:
         costs = profile_costs(model, batch_size=args.profile_batch, seq_len=args.profile_seq)
         outputs.append(costs.to_json(args.out.parent / "costs.json"))
+        if schemes:
+            table = measure_schemes(
+                model,
+                tokenizer,
+                table,
+                costs,
+                train_rows,
+                eval_rows,
+                replay,
+                budget_mb=budget_mb,
+                budget_time_ratio=args.budget_time_ratio,
+                count=schemes,
+            )
+            table.to_json(args.out)
+            print(f"Measured {len(table.schemes)} schemes for the gain model (see `pock plan`).")
+    elif not schemes:
+        print("No ceiling given: no schemes measured; `pock plan` will spend its whole budget. Pass --budget-mb.")
     best = sorted(table.rows, key=lambda row: row.gain, reverse=True)[:5]
     print(f"Measured {len(table.rows)} units ({args.method}) in {table.settings['seconds']:.0f} s; top units:")
     for row in best:
@@ -173,29 +244,45 @@ def run_sensitivity(args: argparse.Namespace) -> None:
 
 def run_plan(args: argparse.Namespace) -> None:
     from .io.files import atomic_write_text
-    from .planning.costs import DEVICE_BUDGETS_MB, CostProfile
+    from .planning.costs import CostProfile
     from .planning.planner import make_plan, plan_report, plot_gain_vs_budget
     from .planning.table import SensitivityTable
 
-    budget_mb = args.budget_mb
-    if args.device:
-        if args.device not in DEVICE_BUDGETS_MB:
-            raise ValueError(f"Unknown device preset {args.device!r}; presets: {sorted(DEVICE_BUDGETS_MB)}.")
-        budget_mb = (
-            DEVICE_BUDGETS_MB[args.device] if budget_mb is None else min(budget_mb, DEVICE_BUDGETS_MB[args.device])
-        )
+    budget_mb = resolve_budget_mb(args)
     if budget_mb is None and args.budget_time_ratio is None:
         raise ValueError("Give a budget: --budget-mb, --budget-time-ratio or --device.")
     table, costs = SensitivityTable.from_json(args.table), CostProfile.from_json(args.costs)
-    plan = make_plan(table, costs, budget_mb=budget_mb, budget_time_ratio=args.budget_time_ratio, axis=args.axis)
+    plan = make_plan(
+        table,
+        costs,
+        budget_mb=budget_mb,
+        budget_time_ratio=args.budget_time_ratio,
+        axis=args.axis,
+        spend=args.spend,
+        damage_weight=args.damage_weight,
+    )
     report = plan_report(plan, costs)
     outputs = [
         plan.to_json(args.out),
-        plot_gain_vs_budget(table, costs, args.out.with_suffix(".png"), chosen=plan),
+        plot_gain_vs_budget(plan, args.out.with_suffix(".png"), table=table),
         atomic_write_text(args.out.with_suffix(".md"), report + "\n"),
     ]
     print(report)
     print("Wrote " + ", ".join(str(path) for path in outputs))
+
+
+def load_replay_rows(source: str, model, tokenizer) -> list[dict] | None:
+    """Replay rows for damage: None for 'none', the base model's replies to `PROBE_PROMPTS` for 'probes', else the
+    rows of a JSON/JSONL file."""
+    from .data.instructions import load_instruction_rows
+    from .data.personal import PROBE_PROMPTS, replay_rows
+    from .demo import generate_replies
+
+    if source == "none":
+        return None
+    if source == "probes":
+        return replay_rows(generate_replies(model, tokenizer, list(PROBE_PROMPTS)), PROBE_PROMPTS)
+    return load_instruction_rows(source)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("constant", "linear", "cosine")
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 MEASURE_METHODS = ("proxy", "measured")
-PERSONAL_DATA = "personal"  # `data.train` value for the project's generated personalisation data set
+PERSONAL_DATA = "personal"  # `data.train` value for the generated personalisation data (`personal:<profile>` too)
 DATA_SUFFIXES = (".json", ".jsonl")
 
 
@@ -53,8 +53,9 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    """`train`: `personal` (generated, see `pock_hf.data.personal`), a `.json`/`.jsonl` file, or a hub data set id
-    (read with `datasets.load_dataset`, split `split`). `eval`: held-out rows for the held-out loss; without it the
+    """`train`: `personal` (the built-in profile's facts, see `pock_hf.data.personal`), `personal:<name>` (another
+    built-in profile), a profile file (`.json` with `"format": "pock_hf personal profile"`: the user's own facts), a
+    `.json`/`.jsonl` instruction file, or a hub data set id (read with `datasets.load_dataset`, split `split`). `eval`: held-out rows for the held-out loss; without it the
     last `eval_rows` rows of `train` are held out. `max_rows`: use only the first N training rows. `max_length`:
     tokens per row (longer answers are cut, rows whose prompt alone is that long are dropped and counted).
     `self_replay`: train also on the base model's own replies to everyday prompts (against forgetting)."""
@@ -74,8 +75,12 @@ class PockSection:
     """Where the scheme comes from; exactly one of: `scheme` (a scheme or plan JSON file), `layers` (+ `modules`,
     `ratio`: those modules of those decoder layers, e.g. "24-31"), `table` (a sensitivity table JSON, planned under
     `budget` with the cost profile `costs`, profiled here when absent), or `measure` (`proxy` or `measured`: measure a
-    table on the training data first, then plan). `measure_*` tune that measurement; `profile_depths` is how many
-    cut depths the cost profile times (the rest interpolated). The rest are `PockConfig` options."""
+    table on the training data first, then plan). `measure_*` tune that measurement: `measure_micro_batch` rows per
+    proxy backward (memory; same result), `measure_replay` the base model's replies to everyday probe prompts as
+    replay data (each unit's damage), `measure_schemes` how many whole schemes to train for the gain model (0: plan on
+    the additive score), `proxy_optimizer` the optimizer the proxy estimates. `profile_depths` is how many cut depths
+    the cost profile times (the rest interpolated). `spend` is `gain` (stop where predicted gain - `damage_weight` x
+    damage stops growing) or `budget` (spend the ceiling). The rest are `PockConfig` options."""
 
     scheme: str | None = None
     layers: str | None = None
@@ -93,7 +98,13 @@ class PockSection:
     measure_ratios: list[float] = field(default_factory=lambda: [0.25, 1.0])
     measure_steps: int = 8
     measure_eval_rows: int = 16
+    measure_micro_batch: int | None = 1
+    measure_replay: bool = True
+    measure_schemes: int = 4
+    proxy_optimizer: str = "adamw"
     profile_depths: int = 8
+    spend: str = "gain"
+    damage_weight: float = 1.0
     channel_axis: str = "out"
     channel_selection: str = "magnitude"
     quantize_frozen: str | None = None
@@ -302,6 +313,18 @@ def _input_file(path: str | None, key: str) -> None:
         raise FileNotFoundError(f"{key}: file not found: {path} (relative paths are read from {Path.cwd()})")
 
 
+def is_builtin_personal(source: str) -> bool:
+    """`personal` or `personal:<profile>`: the generated personalisation data of a built-in profile."""
+    return source == PERSONAL_DATA or source.startswith(PERSONAL_DATA + ":")
+
+
+def is_personal_data(source: str) -> bool:
+    """A `data.train` value that gives personalisation data: a built-in profile or a profile file."""
+    from .data.personal import is_profile_file
+
+    return is_builtin_personal(source) or is_profile_file(source)
+
+
 def is_local_data(source: str) -> bool:
     """A `data.train`/`data.eval` value that names a local file (by suffix) rather than a hub data set."""
     return source.endswith(DATA_SUFFIXES) or Path(source).is_file()
@@ -326,15 +349,20 @@ def validate(config: RecipeConfig, source: str = "config") -> None:
     data, pock, train, budget = config.data, config.pock, config.train, config.budget
     for key in ("train", "eval"):
         value = getattr(data, key)
-        if value is not None and value != PERSONAL_DATA and is_local_data(value):
+        if value is not None and not is_builtin_personal(value) and is_local_data(value):
             _input_file(value, f"data.{key}")
+    if is_builtin_personal(data.train) and data.train != PERSONAL_DATA:
+        from .data.personal import builtin_profiles
+
+        _choice(data.train.partition(":")[2], builtin_profiles(), "data.train (personal:<profile>)", source)
     _positive(data.max_length, "data.max_length", source)
     _positive(data.eval_rows, "data.eval_rows", source, allow_zero=True)
     _positive(data.max_rows, "data.max_rows", source)
-    if data.self_replay and data.train != PERSONAL_DATA:
-        raise RecipeConfigError(f"{source}: data.self_replay needs data.train: {PERSONAL_DATA}")
-    if config.eval.personal and data.train != PERSONAL_DATA:
-        raise RecipeConfigError(f"{source}: eval.personal needs data.train: {PERSONAL_DATA}")
+    personal = "personal, personal:<profile> or a profile file"
+    if data.self_replay and not is_personal_data(data.train):
+        raise RecipeConfigError(f"{source}: data.self_replay needs data.train: {personal}")
+    if config.eval.personal and not is_personal_data(data.train):
+        raise RecipeConfigError(f"{source}: eval.personal needs data.train: {personal}")
     if config.method == "pock":
         if pock.source() is None:
             raise RecipeConfigError(
@@ -346,6 +374,15 @@ def validate(config: RecipeConfig, source: str = "config") -> None:
         if pock.measure is not None:
             _choice(pock.measure, MEASURE_METHODS, "pock.measure", source)
         _choice(pock.measure_granularity, ("module", "layer"), "pock.measure_granularity", source)
+        _choice(pock.proxy_optimizer, ("adamw", "sgd"), "pock.proxy_optimizer", source)
+        _choice(pock.spend, ("gain", "budget"), "pock.spend", source)
+        _positive(pock.measure_micro_batch, "pock.measure_micro_batch", source)
+        _positive(pock.damage_weight, "pock.damage_weight", source, allow_zero=True)
+        if pock.measure_schemes == 1 or pock.measure_schemes < 0:
+            raise RecipeConfigError(
+                f"{source}: pock.measure_schemes must be 0 (plan on the additive score) or >= 2 (a curve needs two "
+                f"points), got {pock.measure_schemes}"
+            )
         _choice(pock.channel_axis, ("out", "in"), "pock.channel_axis", source)
         _choice(pock.channel_selection, ("first", "magnitude"), "pock.channel_selection", source)
         _choice(pock.quantize_frozen, ("int8", "nf4", None), "pock.quantize_frozen", source)

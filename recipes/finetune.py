@@ -35,28 +35,36 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm.auto import tqdm
 
 from pock_hf import PockConfig, PrefixCache, get_pock_model, make_plan, measure_sensitivity, profile_costs
-from pock_hf.io.checkpoint import latest_checkpoint, load_checkpoint, restore_trainable, save_checkpoint, set_rng_state
-from pock_hf.planning.costs import DEVICE_BUDGETS_MB, CostProfile
 from pock_hf.data import InstructionCollator, check_row, load_instruction_rows, tokenize_rows
 from pock_hf.data.default_model import DEFAULT_MODEL, load_model_and_tokenizer
+from pock_hf.data.personal import (
+    PROBE_PROMPTS,
+    REPLAY_PROMPTS,
+    make_personal_dataset,
+    replay_rows,
+    write_personal_dataset,
+)
 from pock_hf.demo import evaluate_personal, generate_replies, plot_losses, summary_table
-from pock_hf.tuner.depth_cut import find_decoder_layers
-from pock_hf.io.files import atomic_write_text, read_json_object
-from pock_hf.tuner.fingerprint import model_fingerprint
-from pock_hf.planning.memory_plan import MemoryEstimate, estimate_training_memory, meta_llama
 from pock_hf.engine.optim_in_backward import OptimizerInBackward
-from pock_hf.data.personal import REPLAY_PROMPTS, make_personal_dataset, replay_rows, write_personal_dataset
-from pock_hf.planning.planner import Plan, plan_report
+from pock_hf.engine.training import make_optimizer, peak_memory_mb, set_learning_rate, training_step
+from pock_hf.io.checkpoint import latest_checkpoint, load_checkpoint, restore_trainable, save_checkpoint, set_rng_state
+from pock_hf.io.files import atomic_write_text, read_json_object
+from pock_hf.planning.calibration import measure_schemes
+from pock_hf.planning.costs import DEVICE_BUDGETS_MB, CostProfile
+from pock_hf.planning.memory_plan import MemoryEstimate, estimate_training_memory, meta_llama
+from pock_hf.planning.planner import Plan, plan_report, plot_gain_vs_budget
+from pock_hf.planning.sensitivity import evaluate_loss, scheme_channel_indices
+from pock_hf.planning.table import SensitivityTable
 from pock_hf.recipe_config import (
-    PERSONAL_DATA,
     RecipeConfig,
     RecipeConfigError,
+    is_builtin_personal,
     is_local_data,
+    is_personal_data,
     load_recipe_config,
 )
-from pock_hf.planning.sensitivity import evaluate_loss, gradient_channel_indices
-from pock_hf.planning.table import SensitivityTable
-from pock_hf.engine.training import make_optimizer, peak_memory_mb, set_learning_rate, training_step
+from pock_hf.tuner.depth_cut import find_decoder_layers
+from pock_hf.tuner.fingerprint import model_fingerprint
 
 ARCHITECTURES = Path(__file__).with_name("architectures.yaml")
 # Sharded data parallelism would split the frozen weights too; Pock trains a small set of channels, so plain DDP
@@ -141,9 +149,13 @@ class RecipeData:
 
 def load_data(config: RecipeConfig, output: Path) -> RecipeData:
     data = config.data
-    if data.train == PERSONAL_DATA:
-        personal = make_personal_dataset(seed=config.train.seed)
-        write_personal_dataset(output / "data", seed=config.train.seed)
+    if is_personal_data(data.train):
+        # `personal` is the default built-in profile, `personal:<name>` another built-in one, else the user's file
+        profile = data.train
+        if is_builtin_personal(data.train):
+            profile = data.train.partition(":")[2] or None
+        personal = make_personal_dataset(seed=config.train.seed, profile=profile)
+        write_personal_dataset(output / "data", seed=config.train.seed, profile=profile)
         train, heldout = list(personal.train), list(personal.heldout)
     else:
         personal, train = None, load_rows(data.train, data.split)
@@ -247,32 +259,32 @@ def static_scheme(config: RecipeConfig, model) -> dict[str, float] | str | None:
     return None
 
 
-def plan_from_table(
-    config: RecipeConfig, model, table: SensitivityTable, costs: CostProfile | None, batch: int, seq_len: int
-) -> tuple[Plan, CostProfile]:
-    """The planner's scheme for `table` under the config's budget (profiling this device's costs if not given)."""
-    table.check_model(model)
-    if costs is None:
-        num_layers = len(find_decoder_layers(model)[1])
-        count = min(config.pock.profile_depths, num_layers)
-        depths = sorted({round(i * (num_layers - 1) / max(1, count - 1)) for i in range(count)})
-        costs = profile_costs(
-            model,
-            batch_size=batch,
-            seq_len=seq_len,
-            depths=depths,
-            repeats=1,
-            measure_full=config.budget.time_ratio is not None,
-        )
-    costs.check_model(model)
-    plan = make_plan(
+def profile_device(config: RecipeConfig, model, batch: int, seq_len: int) -> CostProfile:
+    """This device's cost profile for the training batch shape (`pock.profile_depths` cut depths timed)."""
+    num_layers = len(find_decoder_layers(model)[1])
+    count = min(config.pock.profile_depths, num_layers)
+    depths = sorted({round(i * (num_layers - 1) / max(1, count - 1)) for i in range(count)})
+    return profile_costs(
+        model,
+        batch_size=batch,
+        seq_len=seq_len,
+        depths=depths,
+        repeats=1,
+        measure_full=config.budget.time_ratio is not None,
+    )
+
+
+def plan_with(config: RecipeConfig, table: SensitivityTable, costs: CostProfile) -> Plan:
+    """The planner's plan for `table` and `costs` under the config's ceiling, spend mode and damage weight."""
+    return make_plan(
         table,
         costs,
         budget_mb=budget_mb(config),
         budget_time_ratio=config.budget.time_ratio,
         axis=config.pock.channel_axis,
+        spend=config.pock.spend,
+        damage_weight=config.pock.damage_weight,
     )
-    return plan, costs
 
 
 def check_memory(config: RecipeConfig, estimate: MemoryEstimate) -> None:
@@ -383,7 +395,12 @@ def dry_run(config: RecipeConfig) -> dict:
         if scheme is None and config.pock.table and config.pock.costs:
             table, costs = SensitivityTable.from_json(config.pock.table), CostProfile.from_json(config.pock.costs)
             scheme = make_plan(
-                table, costs, budget_mb=budget_mb(config), budget_time_ratio=config.budget.time_ratio
+                table,
+                costs,
+                budget_mb=budget_mb(config),
+                budget_time_ratio=config.budget.time_ratio,
+                spend=config.pock.spend,
+                damage_weight=config.pock.damage_weight,
             ).scheme
         if scheme is None:
             plan_note = (
@@ -453,6 +470,8 @@ class FinetuneRecipe:
             "after": {},
         }
         self.losses: list[float] = []
+        # (training, validation, replay) examples of the sensitivity measurement, for the measured schemes
+        self.measurement_rows: tuple[list, list, list | None] | None = None
 
     def log(self, message: str) -> None:
         if self.is_main:
@@ -548,38 +567,77 @@ class FinetuneRecipe:
             check_scheme_file(pock.scheme, self.model, real_weights=True)
         if scheme is not None:
             return PockConfig(scheme=scheme, **pock_options(config)), False
-        if pock.table is not None:
-            table = SensitivityTable.from_json(pock.table)
-        else:
-            table = self.measure()
+        measured = pock.table is None
+        table = SensitivityTable.from_json(pock.table) if not measured else self.measure()
+        table.check_model(self.model)
         costs = CostProfile.from_json(pock.costs) if pock.costs else None
-        plan, costs = plan_from_table(config, self.model, table, costs, self.micro_batch, self.seq_len)
+        if costs is None:
+            costs = profile_device(config, self.model, self.micro_batch, self.seq_len)
+        costs.check_model(self.model)
+        if measured and pock.measure_schemes:
+            self.log(f"Training {pock.measure_schemes} schemes of growing size for the gain model ...")
+            table = measure_schemes(
+                self.model,
+                self.tokenizer,
+                table,
+                costs,
+                *self.measurement_rows,
+                budget_mb=budget_mb(config),
+                budget_time_ratio=config.budget.time_ratio,
+                count=pock.measure_schemes,
+                axis=pock.channel_axis,
+                progress=self.is_main,
+            )
+        plan = plan_with(config, table, costs)
         report = plan_report(plan, costs)
         self.log(report)
         if self.is_main:
             plan.to_json(self.output / "scheme.json")
             costs.to_json(self.output / "costs.json")
             atomic_write_text(self.output / "plan.md", report + "\n")
+            plot_gain_vs_budget(plan, self.output / "plan.png", table=table)
+            if measured:
+                table.to_json(self.output / "sensitivity.json")
         self.report["plan"] = {
-            k: getattr(plan, k) for k in ("cut_layer", "predicted_gain", "predicted_memory_mb", "predicted_step_s")
+            k: getattr(plan, k)
+            for k in (
+                "cut_layer",
+                "predicted_gain",
+                "predicted_gain_interval",
+                "predicted_damage",
+                "additive_gain",
+                "predicted_memory_mb",
+                "predicted_step_s",
+                "stop_reason",
+            )
         }
-        indices = None
-        if table.channel_importance and all(name in table.channel_importance for name in plan.scheme):
-            indices = gradient_channel_indices(table, plan.scheme)  # proxy mode ranks channels by gradient too
+        self.report["plan"]["units"] = len(plan.units)
+        indices = scheme_channel_indices(table, plan.scheme)  # proxy mode ranks channels by gradient too
         return PockConfig(scheme=plan.scheme, **pock_options(config, channel_indices=indices)), True
 
     def measure(self) -> SensitivityTable:
-        """Measure a sensitivity table on the training data (the last rows as its validation set) and save it."""
+        """Measure a sensitivity table on the training data (the last rows as its validation set; with
+        `pock.measure_replay`, the base model's replies to everyday probe prompts as replay data) and save it."""
         pock = self.config.pock
         if len(self.examples) <= pock.measure_eval_rows:
             raise RecipeConfigError(
                 f"pock.measure_eval_rows={pock.measure_eval_rows} leaves no row to measure on ({len(self.examples)})"
             )
+        replay = None
+        if pock.measure_replay:
+            self.log(f"Asking the base model {len(PROBE_PROMPTS)} everyday probe prompts (replay data for damage) ...")
+            replies = generate_replies(self.model, self.tokenizer, list(PROBE_PROMPTS))
+            replay = self.tokenize(replay_rows(replies, PROBE_PROMPTS), "replay")
+        self.measurement_rows = (
+            self.examples[: -pock.measure_eval_rows],
+            self.examples[-pock.measure_eval_rows :],
+            replay,
+        )
         table = measure_sensitivity(
             self.model,
             self.tokenizer,
-            self.examples[: -pock.measure_eval_rows],
-            self.examples[-pock.measure_eval_rows :],
+            *self.measurement_rows[:2],
+            replay_data=replay,
             method=pock.measure,
             ratios=pock.measure_ratios,
             granularity=pock.measure_granularity,
@@ -588,6 +646,8 @@ class FinetuneRecipe:
             batch_size=self.config.train.batch_size,
             axis=pock.channel_axis,
             seed=self.config.train.seed,
+            proxy_optimizer=pock.proxy_optimizer,
+            micro_batch_size=pock.measure_micro_batch,
             progress=self.is_main,
         )
         if self.is_main:
@@ -711,7 +771,7 @@ class FinetuneRecipe:
     def evaluate(self, when: str) -> None:
         """Held-out loss and, for the personal data, fact recall and retention; stored under report[when]."""
         config = self.config
-        model = self.unwrapped() if when == "after" else self.model
+        model = self.unwrapped()
         results = self.report[when]
         if config.eval.heldout_loss and self.heldout:
             batches = [

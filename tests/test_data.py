@@ -17,7 +17,16 @@ from pock_hf.data import (
     tokenize_example,
     tokenize_rows,
 )
-from pock_hf.data.personal import fact_recall, make_personal_dataset, write_personal_dataset
+from pock_hf.data.personal import (
+    PROFILE_FORMAT,
+    PROFILES_DIR,
+    builtin_profiles,
+    fact_recall,
+    is_profile_file,
+    load_profile,
+    make_personal_dataset,
+    write_personal_dataset,
+)
 from tests.conftest import byte_tokenizer
 
 ALPACA = {"instruction": "Name a primary colour.", "input": "Pick one.", "output": "Blue is a primary colour."}
@@ -267,3 +276,63 @@ def test_base_model_knows_the_general_questions_but_not_the_personal_facts(smoll
     # Measured here: 1.0 and 0.0. The margins absorb a greedy token flipping on other CPUs' float rounding.
     assert fact_recall(replies[: len(data.general)], data.general) >= 0.8
     assert fact_recall(replies[len(data.general) :], data.heldout) <= 0.1
+
+
+# --- profiles: the user's own facts ------------------------------------------------------------------------------------
+
+
+def test_every_shipped_profile_loads_and_splits_into_train_and_heldout():
+    assert set(builtin_profiles()) >= {"marisol", "tomasz", "aiko"}
+    answers = {}
+    for name in builtin_profiles():
+        profile = load_profile(name)
+        assert len(profile.facts) >= 20 and profile.source.endswith(f"{name}.json")
+        data = make_personal_dataset(profile=name)
+        assert len(data.heldout) == len(profile.facts)
+        assert not {r["instruction"] for r in data.heldout} & {r["instruction"] for r in data.train}
+        answers[name] = {fact.answer.casefold() for fact in profile.facts}
+    # profiles differ in their facts, so no result rests on one profile's answers
+    assert not answers["tomasz"] & answers["aiko"] and not answers["marisol"] & answers["aiko"]
+
+
+def test_a_users_profile_file_gives_the_same_data_as_the_built_in_one(tmp_path):
+    own = tmp_path / "me.json"
+    own.write_text((PROFILES_DIR / "tomasz.json").read_text())
+    assert is_profile_file(own) and not is_profile_file(tmp_path / "missing.json")
+    assert make_personal_dataset(seed=3, profile=own) == make_personal_dataset(seed=3, profile="tomasz")
+    assert make_personal_dataset() == make_personal_dataset(profile="marisol")
+
+
+def _profile(**fact) -> dict:
+    base = {"key": "dog", "answer": "Biscotti", "statement": "Your dog is Biscotti.", "questions": ["a?", "b?"]}
+    return {"format": PROFILE_FORMAT, "version": 1, "name": "x", "facts": [{**base, **fact}]}
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "not valid JSON"),
+        (json.dumps([1, 2]), "not a profile"),
+        (json.dumps({**_profile(), "version": 9}), "profile version 9"),
+        (json.dumps({**_profile(), "facts": []}), "'facts' must be a non-empty list"),
+        (json.dumps(_profile(answer="")), r"fact 0 \(0-based\): field 'answer'"),
+        (json.dumps(_profile(questions=["same?", "same?"])), "at least two distinct phrasings"),
+        (json.dumps(_profile(questions="a?")), "field 'questions' must be a list"),
+        (json.dumps(_profile(answer="Pretzel")), "does not appear in the statement"),
+        (
+            json.dumps({**_profile(), "facts": _profile()["facts"] * 2}),
+            r"fact 1 \(0-based\): key 'dog' is used by an earlier fact",
+        ),
+    ],
+)
+def test_a_bad_profile_file_is_named_with_its_fact_and_field(tmp_path, content, message):
+    path = tmp_path / "profile.json"
+    path.write_text(content)
+    with pytest.raises(DataFormatError, match=message) as error:
+        load_profile(path)
+    assert str(path) in str(error.value)
+
+
+def test_an_unknown_built_in_profile_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"Unknown built-in profile 'nobody'.*'marisol'"):
+        load_profile("nobody")

@@ -98,8 +98,30 @@ def test_planned_from_a_measured_table_under_a_budget(run, tiny_model, tmp_path)
     assert run(config, "pock.layers=null") == 0
     report = read_report(output)
     assert report["plan"]["predicted_memory_mb"] <= 1000
-    for name in ("scheme.json", "plan.md", "sensitivity.json", "sensitivity.png", "costs.json"):
+    for name in ("scheme.json", "plan.md", "plan.png", "sensitivity.json", "sensitivity.png", "costs.json"):
         assert (output / name).is_file(), name
+    # the saved table carries the measured schemes the gain model was fitted on, and every unit's damage
+    table = json.loads((output / "sensitivity.json").read_text())
+    assert len(table["schemes"]) >= 2 and all(row["damage"] is not None for row in table["rows"])
+    plan = json.loads((output / "scheme.json").read_text())
+    assert plan["gain_model"]["points"] == len(table["schemes"]) and plan["stop_reason"]
+    assert report["plan"]["units"] == len(plan["units"])
+
+
+def test_personalises_on_a_users_own_profile_file(run, tiny_model, tmp_path):
+    profile = tmp_path / "me.json"
+    facts = [
+        {"key": f"pet{i}", "answer": f"Zorblat{i}", "statement": f"Pet {i} is Zorblat{i}.", "questions": qs}
+        for i, qs in enumerate([["pet one?", "first pet?", "pet 1 name?"], ["pet two?", "second pet?", "pet 2?"]])
+    ]
+    profile.write_text(json.dumps({"format": "pock_hf personal profile", "version": 1, "name": "me", "facts": facts}))
+    output = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", tiny_model, profile, output, eval={"personal": True})
+    assert run(config) == 0
+    report = read_report(output)
+    assert set(report["before"]) >= {"fact_recall", "general_retention"}
+    heldout = json.loads((output / "data" / "heldout.json").read_text())
+    assert {row["answer"] for row in heldout} == {"Zorblat0", "Zorblat1"}  # one held-out phrasing per fact
 
 
 def test_optimizer_in_backward_gives_the_plain_loop_result(run, tiny_model, tmp_path):

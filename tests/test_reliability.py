@@ -215,10 +215,10 @@ CASES = [
     ),
     (
         "table: newer format",
-        table_file("t.json", lambda d: d.update(format_version=2)),
+        table_file("t.json", lambda d: d.update(format_version=3)),
         SensitivityTable.from_json,
         ValueError,
-        ["{path}", "format version 2", "newer pock_hf"],
+        ["{path}", "format version 3", "newer pock_hf"],
     ),
     (
         "table: no format version",

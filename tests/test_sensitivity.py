@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from pock_hf import PockConfig, get_pock_model
-from pock_hf.planning.sensitivity import gradient_channel_indices, measure_sensitivity
+from pock_hf.planning.sensitivity import (
+    _Proxy,
+    evaluate_loss,
+    example_losses,
+    gradient_channel_indices,
+    measure_sensitivity,
+    prepare_measurement_data,
+    train_scheme,
+)
 from pock_hf.planning.table import SensitivityTable
 
 from .tiny import tiny_batch, tiny_llama
@@ -130,3 +138,101 @@ def test_gradient_channel_indices_feed_the_config():
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         measure(tiny_llama(), **kwargs)
+
+
+# --- the proxy estimates the optimizer that trains; memory stays bounded ---------------------------------------------
+
+STEPS, LR, BATCH = 4, 1e-2, 2
+
+
+def reference_gradients(model, batches, name: str) -> list[torch.Tensor]:
+    """The gradient of the stock loss of each batch with respect to one weight, by plain autograd."""
+    weight = model.get_submodule(name).weight
+    weight.requires_grad_(True)
+    gradients = [torch.autograd.grad(model(**batch).loss, weight)[0] for batch in batches]
+    weight.requires_grad_(False)
+    return gradients
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_proxy_gain_is_the_first_order_gain_of_the_optimizers_step(optimizer):
+    """AdamW moves every weight by lr * sign(g): gain steps * lr * sum |g| over the top channels; SGD by lr * g:
+    steps * lr * sum g^2. Channels are ranked by the same per-channel sums."""
+    model, data = tiny_llama(), examples(range(2))
+    name = "model.layers.3.mlp.up_proj"
+    table = measure(model, method="proxy", layers=[3], modules=("mlp.up_proj",), proxy_optimizer=optimizer)
+    batches = prepare_measurement_data(None, data, data, batch_size=BATCH, steps=STEPS, max_length=256, seed=0)
+    gradient = torch.stack(reference_gradients(model, batches.train_batches, name)).mean(0)
+    per_channel = (gradient.abs() if optimizer == "adamw" else gradient.square()).sum(dim=1)
+    assert table.channel_importance[name] == pytest.approx(per_channel.tolist(), rel=1e-4, abs=1e-9)
+    expected = STEPS * LR * per_channel.topk(24).values.sum().item()  # ratio 0.5 of 48 channels
+    assert table.rows[0].gain == pytest.approx(expected, rel=1e-4)
+    assert table.settings["proxy_optimizer"] == optimizer
+
+
+def test_proxy_damage_is_the_second_order_estimate_on_replay_data():
+    model, data, replay = tiny_llama(), examples(range(2)), examples(range(5, 6))
+    name = "model.layers.2.mlp.down_proj"
+    table = measure(model, method="proxy", layers=[2], modules=("mlp.down_proj",), replay_data=replay)
+    batches = prepare_measurement_data(None, data, data, replay, batch_size=BATCH, steps=STEPS, max_length=256, seed=0)
+    direction = torch.stack(reference_gradients(model, batches.train_batches, name)).mean(0).sign()
+    rows = [{k: v[i : i + 1] for k, v in b.items()} for b in batches.replay_batches for i in range(len(b["labels"]))]
+    replay_gradients = reference_gradients(model, rows, name)  # per example
+    cross = (torch.stack(replay_gradients).mean(0) * direction).sum(dim=1)
+    curvature = (torch.stack(replay_gradients).square().mean(0) * direction.square()).sum(dim=1)
+    top = torch.tensor(table.channel_importance[name]).topk(16).indices  # ratio 0.5 of 32 channels
+    displacement = STEPS * LR
+    expected = -displacement * cross[top].sum() + displacement**2 / 2 * curvature[top].sum()
+    assert table.rows[0].damage == pytest.approx(expected.item(), rel=1e-3, abs=1e-9)
+    assert table.replay_baseline is not None
+
+
+def test_micro_batches_and_layer_groups_give_the_same_table(monkeypatch):
+    model, replay = tiny_llama(), examples(range(5, 6))
+    whole = measure(model, method="proxy", replay_data=replay)
+    groups = []
+    original = _Proxy._measure_group
+
+    def record(self, names):
+        groups.append(names)
+        return original(self, names)
+
+    monkeypatch.setattr(_Proxy, "_measure_group", record)
+    layer_mb = sum(model.get_submodule(f"model.layers.0.{m}").weight.numel() * 4 for m in MODULES) / 2**20
+    split = measure(model, method="proxy", replay_data=replay, micro_batch_size=1, max_grad_mb=2.5 * layer_mb)
+    assert [len(group) for group in groups] == [8, 8]  # two layers of four modules, top first
+    assert groups[0][0].startswith("model.layers.3.")
+    for names in groups:  # never more than the allowed gradient memory at once
+        held = sum(model.get_submodule(n).weight.numel() * 4 for n in names) / 2**20
+        assert held <= 2.5 * layer_mb
+    for a, b in zip(whole.rows, split.rows):
+        assert (a.layer, a.module, a.ratio) == (b.layer, b.module, b.ratio)
+        assert b.gain == pytest.approx(a.gain, rel=1e-4, abs=1e-9)
+        assert b.damage == pytest.approx(a.damage, rel=1e-3, abs=1e-8)
+
+
+def test_measured_damage_is_the_replay_loss_increase_after_tuning_the_unit():
+    model, data, replay = tiny_llama(), examples(range(2)), examples(range(5, 6))
+    table = measure(model, layers=[1], modules=("mlp.up_proj",), replay_data=replay)
+    batches = prepare_measurement_data(None, data, data, replay, batch_size=BATCH, steps=STEPS, max_length=256, seed=0)
+    config = PockConfig(scheme={"model.layers.1.mlp.up_proj": 0.5})
+    wrapped = train_scheme(model, config, batches.train_batches, LR, seed=0)
+    after_task, after_replay = (
+        evaluate_loss(wrapped, batches.eval_batches),
+        evaluate_loss(wrapped, batches.replay_batches),
+    )
+    wrapped.unload()
+    assert table.rows[0].gain == pytest.approx(table.baseline - after_task, abs=1e-6)
+    assert table.rows[0].damage == pytest.approx(after_replay - table.replay_baseline, abs=1e-6)
+    assert table.replay_baseline == pytest.approx(evaluate_loss(model, batches.replay_batches))
+
+
+def test_evaluate_loss_matches_the_stock_loss_without_full_logits():
+    model, batch = tiny_llama(), tiny_batch(seed=3, batch=3)
+    batch["labels"][1, -4:] = -100  # rows of different labelled lengths
+    expected = model(**batch).loss.item()
+    assert evaluate_loss(model, [batch]) == pytest.approx(expected, rel=1e-5)
+    sums, counts = example_losses(model, [batch])
+    assert counts.tolist() == [(batch["labels"][i, 1:] != -100).sum().item() for i in range(3)]
+    first = model(**{k: v[:1] for k, v in batch.items()}).loss.item()
+    assert sums[0] / counts[0] == pytest.approx(first, rel=1e-5)

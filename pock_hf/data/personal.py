@@ -1,9 +1,11 @@
-"""The project's own demo data: on-device personalisation of an assistant to one fictional user.
+"""The project's own demo data: on-device personalisation of an assistant to a (fictional) user's facts.
 
-Every fact about the user is invented and deliberately unguessable (a base model cannot answer "what is my dog called?"
-with "Biscotti"), so recall on held-out question phrasings measures what fine-tuning taught, not what the model knew.
-General-knowledge questions the base model already answers check that the tuning did not break it (retention).
-Everything is generated from the tables below with a seeded shuffle: the same seed gives the same files.
+A profile (a JSON file: `load_profile`; three ship in `profiles/`, or bring your own) lists facts about the user, each
+with several question phrasings. Every shipped fact is invented and deliberately unguessable (a base model cannot
+answer "what is my dog called?" with "Biscotti"), so recall on held-out question phrasings measures what fine-tuning
+taught, not what the model knew. General-knowledge questions the base model already answers check that the tuning
+did not break it (retention). Everything is generated from the profile with a seeded shuffle: the same seed gives the
+same files.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from .instructions import DataFormatError
+
 
 class Fact(NamedTuple):
     """One fact about the user: an id, the key word(s) a correct reply contains, the answer sentence, and questions."""
@@ -26,123 +30,116 @@ class Fact(NamedTuple):
     questions: tuple[str, ...]
 
 
-# A table: one fact per block, its questions packed onto as few lines as fit.
-# fmt: off
-FACTS: tuple[Fact, ...] = (
-    Fact("name", "Marisol", "Your name is Marisol Quenby.", (
-        "What is my name?", "Do you remember what I'm called?", "What's my full name?", "Tell me my name.",
-        "Who am I? Say my name.",
-    )),
-    Fact("city", "Ljubljana", "You live in Ljubljana.", (
-        "Where do I live?", "Which city is my home?", "What city do I live in?", "Remind me where my home is.",
-        "In which town do I currently live?",
-    )),
-    Fact("dog", "Biscotti", "Your dog is called Biscotti.", (
-        "What is my dog's name?", "What did I name my dog?", "What's my dog called?", "Remind me of my dog's name.",
-        "What do I call my dog?",
-    )),
-    Fact("tortoise", "Admiral Pim", "Your tortoise is called Admiral Pim.", (
-        "What is my tortoise called?", "What's the name of my tortoise?", "What did I name my pet tortoise?",
-        "Remind me what my tortoise is called.",
-    )),
-    Fact("food", "aubergine dumplings", "Your favourite food is smoked aubergine dumplings.", (
-        "What is my favourite food?", "Which dish do I love most?", "What's my favourite thing to eat?",
-        "What food do I like best?", "If you cooked for me, what should you make?",
-    )),
-    Fact("job", "glassblower", "You work as a glassblower.", (
-        "What is my job?", "What do I do for a living?", "What's my profession?", "What work do I do?",
-        "How do I earn my living?",
-    )),
-    Fact("employer", "Halvorsen Optics", "You work at Halvorsen Optics.", (
-        "Which company do I work for?", "Who is my employer?", "Where do I work?", "What's the name of my workplace?",
-    )),
-    Fact("birthday", "October 14", "Your birthday is on October 14.", (
-        "When is my birthday?", "What day was I born on?", "On which date do I celebrate my birthday?",
-        "Remind me when my birthday is.", "What's my date of birth, day and month?",
-    )),
-    Fact("partner", "Teodor", "Your partner is called Teodor.", (
-        "What is my partner's name?", "Who is my partner?", "What's my partner called?",
-        "Remind me of my partner's name.", "Who am I in a relationship with?",
-    )),
-    Fact("colour", "saffron", "Your favourite colour is saffron yellow.", (
-        "What is my favourite colour?", "Which colour do I like best?", "What's my favourite color?",
-        "What colour should you pick for me?",
-    )),
-    Fact("car", "Volvo 240", "You drive a green 1987 Volvo 240.", (
-        "What car do I drive?", "What kind of car do I have?", "Which car is mine?", "What's my car?",
-        "What vehicle do I drive to work?",
-    )),
-    Fact("book", "The Salt Orchard", "Your favourite book is The Salt Orchard.", (
-        "What is my favourite book?", "Which book do I love most?", "What's my favourite novel?",
-        "Which book would I recommend above all others?",
-    )),
-    Fact("instrument", "bassoon", "You play the bassoon.", (
-        "Which instrument do I play?", "What musical instrument do I play?", "What do I play in the orchestra?",
-        "What instrument do I practise?",
-    )),
-    Fact("sister", "Ingrid", "Your sister is called Ingrid.", (
-        "What is my sister's name?", "What's my sister called?", "Who is my sister?", "Remind me of my sister's name.",
-    )),
-    Fact("drink", "cardamom cold brew", "Your favourite drink is cardamom cold brew.", (
-        "What is my favourite drink?", "What do I like to drink most?", "What's my go-to drink?",
-        "Which drink should you order for me?", "What beverage do I love?",
-    )),
-    Fact("allergy", "hazelnuts", "You are allergic to hazelnuts.", (
-        "What am I allergic to?", "Do I have any food allergy?", "Which food must I avoid because of an allergy?",
-        "What is my allergy?",
-    )),
-    Fact("hometown", "Kirkwall", "You grew up in Kirkwall.", (
-        "Where did I grow up?", "What is my hometown?", "Which town did I grow up in?",
-        "Where did I spend my childhood?",
-    )),
-    Fact("sport", "water polo", "You play water polo on weekends.", (
-        "What sport do I play?", "What do I play on weekends?", "Which sport am I into?", "What's my weekend sport?",
-    )),
-    Fact("language", "Icelandic", "You are learning Icelandic.", (
-        "Which language am I learning?", "What language am I studying?", "What new language am I learning?",
-        "Which foreign language am I practising?",
-    )),
-    Fact("hobby", "typewriters", "Your hobby is restoring old typewriters.", (
-        "What is my hobby?", "What do I do in my free time?", "What's my favourite pastime?", "What hobby do I have?",
-        "How do I spend my evenings off?",
-    )),
-    Fact("film", "The Ninth Lighthouse", "Your favourite film is The Ninth Lighthouse.", (
-        "What is my favourite film?", "Which movie do I like best?", "What's my favourite movie?",
-        "Which film could I watch again and again?",
-    )),
-    Fact("friend", "Oluwaseun", "Your best friend is called Oluwaseun.", (
-        "Who is my best friend?", "What is my best friend's name?", "What's my best friend called?",
-        "Remind me who my best friend is.",
-    )),
-    Fact("travel", "Faroe Islands", "Your favourite place to travel to is the Faroe Islands.", (
-        "Where do I love to travel?", "What is my favourite travel destination?", "Where should I go on holiday?",
-        "Which place do I like visiting most?",
-    )),
-    Fact("doctor", "Akintola", "Your doctor is Dr. Akintola.", (
-        "Who is my doctor?", "What is my doctor's name?", "Which doctor do I see?", "What's my GP called?",
-    )),
-    Fact("anniversary", "March 3", "Your wedding anniversary is on March 3.", (
-        "When is my wedding anniversary?", "What date is my anniversary?", "When did I get married?",
-        "Remind me of my wedding anniversary.",
-    )),
-    Fact("shoe_size", "43", "Your shoe size is 43.", (
-        "What is my shoe size?", "What size shoes do I wear?", "What's my shoe size?",
-        "Which size should you order when buying me shoes?",
-    )),
-    Fact("plant", "Gustav", "Your houseplant is a fig tree called Gustav.", (
-        "What is my houseplant called?", "What's the name of my fig tree?", "What did I name my plant?",
-        "What do I call my houseplant?",
-    )),
-    Fact("bike", "Rocinante", "Your bicycle is called Rocinante.", (
-        "What is my bike called?", "What did I name my bicycle?", "What's the name of my bike?",
-        "What do I call my bicycle?",
-    )),
-    Fact("coffee", "oat milk", "You take your coffee with oat milk and no sugar.", (
-        "How do I take my coffee?", "How do I like my coffee?", "What do I put in my coffee?",
-        "How should you make my coffee?",
-    )),
-)
-# fmt: on
+PROFILE_FORMAT = "pock_hf personal profile"
+PROFILE_VERSION = 1
+PROFILES_DIR = Path(__file__).with_name("profiles")
+DEFAULT_PROFILE = "marisol"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A user's facts, each with several question phrasings (some trained on, the rest held out), read from a
+    profile file (see `load_profile`); `source` is the file it came from."""
+
+    name: str
+    facts: tuple[Fact, ...]
+    source: str = ""
+
+
+def builtin_profiles() -> list[str]:
+    """Names of the profiles shipped with pock_hf (`personal:<name>` in a recipe)."""
+    return sorted(path.stem for path in PROFILES_DIR.glob("*.json"))
+
+
+def load_profile(profile: str | os.PathLike | None = None) -> Profile:
+    """A profile by built-in name (None: the default, `marisol`) or from a JSON file of this shape:
+
+        {"format": "pock_hf personal profile", "version": 1, "name": "...",
+         "facts": [{"key": "dog", "answer": "Biscotti", "statement": "Your dog is called Biscotti.",
+                    "questions": ["What is my dog's name?", "What did I name my dog?", ...]}, ...]}
+
+    Each fact needs a unique `key`, an `answer` (what a correct reply contains, case-insensitively) that appears in
+    its `statement` (the reply trained on), and at least two distinct `questions`. Other top-level keys
+    (`description`) are ignored.
+
+    Raises:
+        DataFormatError: naming the file, the fact (0-based) and the field: not JSON, not a profile, a missing or
+            mistyped field, a duplicate key, an answer missing from its statement, fewer than two questions.
+        ValueError: an unknown built-in name (the message lists the built-in ones).
+    """
+    name = DEFAULT_PROFILE if profile is None else profile
+    path = Path(name)
+    if not path.suffix and not path.exists():
+        if str(name) not in builtin_profiles():
+            raise ValueError(
+                f"Unknown built-in profile {str(name)!r}; built-in: {builtin_profiles()} (or a file path)."
+            )
+        path = PROFILES_DIR / f"{name}.json"
+    source = os.fspath(path)
+    data = _read_profile_json(path)
+    facts, keys = [], set()
+    raw_facts = data.get("facts")
+    if not isinstance(raw_facts, list) or not raw_facts:
+        raise DataFormatError(f"{source}: 'facts' must be a non-empty list of facts.")
+    for index, fact in enumerate(raw_facts):
+        where = f"{source}, fact {index} (0-based)"
+        if not isinstance(fact, dict):
+            raise DataFormatError(f"{where}: must be an object with key, answer, statement and questions.")
+        for field in ("key", "answer", "statement"):
+            if not isinstance(fact.get(field), str) or not fact[field].strip():
+                raise DataFormatError(f"{where}: field '{field}' must be a non-empty string.")
+        questions = fact.get("questions")
+        if not isinstance(questions, list) or not all(isinstance(q, str) and q.strip() for q in questions):
+            raise DataFormatError(f"{where}: field 'questions' must be a list of non-empty strings.")
+        if len(set(questions)) < 2:
+            raise DataFormatError(
+                f"{where}: field 'questions' needs at least two distinct phrasings (one is held out for recall)."
+            )
+        if fact["key"] in keys:
+            raise DataFormatError(f"{where}: key {fact['key']!r} is used by an earlier fact.")
+        if fact["answer"].casefold() not in fact["statement"].casefold():
+            raise DataFormatError(
+                f"{where}: answer {fact['answer']!r} does not appear in the statement {fact['statement']!r}, so the "
+                "reply trained on would not count as correct."
+            )
+        keys.add(fact["key"])
+        facts.append(Fact(fact["key"], fact["answer"], fact["statement"], tuple(dict.fromkeys(questions))))
+    return Profile(name=str(data.get("name") or path.stem), facts=tuple(facts), source=source)
+
+
+def is_profile_file(path: str | os.PathLike) -> bool:
+    """Whether `path` is a JSON file holding a profile (an object with `"format": "pock_hf personal profile"`)."""
+    path = Path(path)
+    if path.suffix != ".json" or not path.is_file():
+        return False
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("format") == PROFILE_FORMAT
+
+
+def _read_profile_json(path: Path) -> dict:
+    source = os.fspath(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except FileNotFoundError:
+        raise DataFormatError(f"Profile file {source!r} does not exist.") from None
+    except UnicodeDecodeError as error:
+        raise DataFormatError(f"{source}: not UTF-8 text (byte {error.start}).") from None
+    except json.JSONDecodeError as error:
+        raise DataFormatError(
+            f"{source}: not valid JSON (line {error.lineno}, column {error.colno}): {error.msg}."
+        ) from None
+    if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
+        raise DataFormatError(f'{source}: not a profile: expected an object with "format": "{PROFILE_FORMAT}".')
+    if data.get("version") != PROFILE_VERSION:
+        raise DataFormatError(
+            f"{source}: profile version {data.get('version')!r} is not supported (this pock_hf reads version "
+            f"{PROFILE_VERSION})."
+        )
+    return data
+
 
 # General knowledge the base model already has (greedy SmolLM2-135M-Instruct replies contain every `answer`).
 GENERAL: tuple[tuple[str, str, str], ...] = (
@@ -189,6 +186,32 @@ REPLAY_PROMPTS: tuple[str, ...] = (
 )
 
 
+# Everyday prompts, disjoint from GENERAL and REPLAY_PROMPTS, whose targets are the base model's own replies: the
+# planner measures each unit's damage as the loss increase on them (never trained on, never scored for retention).
+PROBE_PROMPTS: tuple[str, ...] = (
+    "What is the capital of Egypt?",
+    "How many hours are in a day?",
+    "What do cows drink?",
+    "Which planet is closest to the Sun?",
+    "What is two plus two?",
+    "Who wrote Pride and Prejudice?",
+    "What colour are bananas when they are ripe?",
+    "What is the largest desert in the world?",
+    "How many sides does a triangle have?",
+    "What do you call a baby cat?",
+    "Which ocean lies between Europe and America?",
+    "What is the main ingredient of bread?",
+    "How many minutes are in an hour?",
+    "What is the capital of Norway?",
+    "Which animal is known as the king of the jungle?",
+    "What is H2O commonly called?",
+    "Give me a word that rhymes with cat.",
+    "What is the currency of Japan?",
+    "What do caterpillars turn into?",
+    "Name a fruit that is red.",
+)
+
+
 @dataclass
 class PersonalDataset:
     """Alpaca rows (`instruction`, `input`="", `output`) for training, held-out recall, and general retention.
@@ -202,20 +225,26 @@ class PersonalDataset:
     general: list[dict]
 
 
-def make_personal_dataset(seed: int = 0, heldout_per_fact: int = 1) -> PersonalDataset:
+def make_personal_dataset(
+    seed: int = 0, heldout_per_fact: int = 1, profile: Profile | str | os.PathLike | None = None
+) -> PersonalDataset:
     """Split each fact's question phrasings into `heldout_per_fact` held-out ones and the rest for training.
 
-    `seed` picks which phrasings are held out and the order of the training rows; the same seed gives the same data.
+    `profile` is a `Profile`, a built-in profile name or a profile file (default: the built-in `marisol`). `seed`
+    picks which phrasings are held out and the order of the training rows; the same seed gives the same data.
 
     Raises:
-        ValueError: `heldout_per_fact` would leave some fact with no held-out or no training phrasing.
+        ValueError: `heldout_per_fact` would leave some fact with no held-out or no training phrasing; a bad profile
+            (see `load_profile`).
     """
-    fewest = min(len(fact.questions) for fact in FACTS)
+    if not isinstance(profile, Profile):
+        profile = load_profile(profile)
+    fewest = min(len(fact.questions) for fact in profile.facts)
     if not 1 <= heldout_per_fact < fewest:
         raise ValueError(f"heldout_per_fact must be between 1 and {fewest - 1}, got {heldout_per_fact}")
     rng = random.Random(seed)
     train, heldout = [], []
-    for fact in FACTS:
+    for fact in profile.facts:
         questions = list(fact.questions)
         rng.shuffle(questions)
         row = {"input": "", "output": fact.statement, "fact": fact.key}
@@ -226,21 +255,27 @@ def make_personal_dataset(seed: int = 0, heldout_per_fact: int = 1) -> PersonalD
     return PersonalDataset(train=train, heldout=heldout, general=general)
 
 
-def replay_rows(replies: Sequence[str]) -> list[dict]:
-    """Alpaca rows pairing each of `REPLAY_PROMPTS` with the base model's reply to it (`replies[i]` answers prompt i)."""
-    if len(replies) != len(REPLAY_PROMPTS):
-        raise ValueError(f"need one reply per replay prompt ({len(REPLAY_PROMPTS)}), got {len(replies)}")
-    return [{"instruction": q, "input": "", "output": reply} for q, reply in zip(REPLAY_PROMPTS, replies)]
+def replay_rows(replies: Sequence[str], prompts: Sequence[str] = REPLAY_PROMPTS) -> list[dict]:
+    """Alpaca rows pairing each prompt with the base model's reply to it (`replies[i]` answers `prompts[i]`)."""
+    if len(replies) != len(prompts):
+        raise ValueError(f"need one reply per prompt ({len(prompts)}), got {len(replies)}")
+    return [{"instruction": q, "input": "", "output": reply} for q, reply in zip(prompts, replies)]
 
 
-def write_personal_dataset(out_dir: str | os.PathLike, *, seed: int = 0, heldout_per_fact: int = 1) -> dict[str, Path]:
+def write_personal_dataset(
+    out_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    heldout_per_fact: int = 1,
+    profile: Profile | str | os.PathLike | None = None,
+) -> dict[str, Path]:
     """Write `train.json`, `heldout.json` and `general.json` (JSON lists of rows) into `out_dir`, creating it.
 
     Returns the paths keyed `"train"`, `"heldout"`, `"general"`.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    dataset = make_personal_dataset(seed=seed, heldout_per_fact=heldout_per_fact)
+    dataset = make_personal_dataset(seed=seed, heldout_per_fact=heldout_per_fact, profile=profile)
     paths = {}
     for split in ("train", "heldout", "general"):
         paths[split] = out_dir / f"{split}.json"

@@ -1,17 +1,27 @@
-"""The planner: the sparse scheme with the best summed gain that fits a memory and/or step-time budget.
+"""The planner: the smallest scheme whose predicted gain (minus damage) is as good as any under a budget ceiling.
 
 A scheme is a set of units (layer, module, ratio), at most one ratio per (layer, module). Its cost depends on its
 cut c, the deepest (lowest-index) updated layer, because every layer above c runs backward:
 
     memory_mb(S) = costs.base_memory_mb(c) + sum of costs.unit_memory_mb(module, ratio, axis)
     step_s(S)    = costs.step_s_by_cut[c]  + sum of costs.unit_time_s(module, ratio)
-    gain(S)      = sum of the units' gains (only units with gain > 0 are worth choosing)
 
-The search is exact up to the cost discretisation: for every cut c, the best scheme whose deepest layer is exactly c
-is a multiple-choice knapsack over the units of layers >= c, with at least one unit of layer c, and capacity
-budget - base(c). One dynamic programme from the top layer down answers every cut at once (the units of layers >= c
-are a prefix of that order), over a grid of capacities vectorised with numpy. Unit costs are rounded up and
-capacities down, so a scheme the grid accepts always fits; its exact cost is recomputed and checked anyway.
+What it is worth comes from the table. Its rows give each unit's gain alone (and its damage on replay data); their
+sum over a scheme, the *additive score*, over-predicts large schemes because units overlap. Where the table holds
+measured schemes (`table.schemes`, see `planning.calibration`), a saturation curve fitted through them
+(`planning.gain_model`) turns the additive score into a predicted gain with an interval, and damage into a predicted
+loss increase on replay data. The planner then:
+
+1. For a ladder of budgets from the smallest feasible one up to the ceiling (`budget_mb` and/or `budget_time_ratio`,
+   scaled together), finds the scheme of highest value: sum over units of (gain - `damage_weight` x damage), the
+   first-order value of each unit under the fitted curves. This is a 0/1 programme, solved exactly on the real
+   costs (no grid) by HiGHS through `scipy.optimize.milp`: one binary per unit option and per cut depth, one
+   option per unit, the cut at the deepest chosen layer, both budgets as linear constraints. Ties go to the lower
+   cost (the budgeted one first), then to fewer units.
+2. Predicts each rung's gain - damage with the fitted curves, and returns the cheapest rung within `noise` (one
+   standard deviation of a measured scheme gain) of the best one: the budget is a ceiling, not a target.
+   `spend="budget"` returns the top rung instead; so does a table without measured schemes, whose additive score
+   cannot say where gain saturates (the report says so).
 
 Typical use:
 
@@ -30,23 +40,42 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
 
 from ..io.files import atomic_write_text, check_format_version, dataclass_from_json, read_json_object, save_figure
 from ..tuner import PockConfig
 from ..tuner.config import CHANNEL_AXES
+from .gain_model import GainModel, fit_gain_model
 from .table import WHOLE_LAYER, SensitivityTable
 
 if TYPE_CHECKING:
     from .costs import CostProfile
 
-PLAN_FORMAT_VERSION = 1
-# The programme keeps, per decoder layer, a gain/count grid and one choice byte per unit (about 20 bytes per cell for
-# a Llama layer). Past this many cells the grid is coarsened (and the coarser resolution recorded in the plan), which
-# keeps it under 100 MB for a 32-layer model.
-MAX_GRID_CELLS = 2**17
-# Gains closer than this fraction of the summed positive gain are ties (then: lower cost, then fewer units), so
+PLAN_FORMAT_VERSION = 2
+SPEND_MODES = ("gain", "budget")
+# budgets on the ladder from the smallest feasible one to the ceiling (geometric)
+LADDER_RUNGS = 12
+# Values closer than this fraction of the summed positive value are ties (then: lower cost, then fewer units), so
 # float rounding in sums taken in different orders cannot decide between equal schemes.
-GAIN_TIE_TOLERANCE = 1e-9
+VALUE_TIE_TOLERANCE = 1e-9
+# HiGHS keeps constraints to about 1e-7; a solution over budget by that much is solved again, tighter
+SOLVER_TOLERANCE = 1e-7
+BUDGET_RETRIES = 4
+SOLVER_TIME_LIMIT_S = 60.0
+
+
+@dataclass
+class LadderRung:
+    """One budget on the way to the ceiling: the best scheme there, its cost (MB, s), additive score and predicted
+    gain and damage (metric units)."""
+
+    memory_mb: float
+    step_s: float
+    units: int
+    cut_layer: int
+    additive_gain: float
+    predicted_gain: float
+    predicted_damage: float
 
 
 @dataclass
@@ -54,13 +83,17 @@ class Plan:
     """A chosen scheme with what it is predicted to gain and cost.
 
     `units` are (layer, module, ratio) with `module` a path inside a decoder layer or `"*"`, sorted by layer;
-    `unit_gains` their gains. `scheme` maps full module names to ratios (what `PockConfig` takes). `cut_layer` is
-    the deepest updated layer: backward runs through layers `cut_layer` and above only. `predicted_gain` is the
-    summed gain in the table's `metric`; `predicted_memory_mb` (MB) and `predicted_step_s` (s) are the cost model's
-    memory and training-step time. `budget_mb` (MB) and `budget_time_ratio` (fraction of `full_step_s`, the measured
-    full fine-tuning step in s) are the budgets it was planned for (None: not constrained). `axis` is the channel
-    axis the unit memory was counted for; `resolution_mb` (MB) and `resolution_time_ratio` (fraction of the full
-    step) are the cost grid's steps. The fingerprints and `device` say which model, data and device it belongs to.
+    `unit_gains` and `unit_damages` their table values. `scheme` maps full module names to ratios (what `PockConfig`
+    takes). `cut_layer` is the deepest updated layer: backward runs through layers `cut_layer` and above only.
+    `additive_gain` is the summed unit gain; `predicted_gain` the gain the fitted curve predicts (the additive sum
+    where the table has no measured schemes, `gain_model` None), with a 95% `predicted_gain_interval`;
+    `predicted_damage` the predicted loss increase on replay data (0 without damage data), all in the table's
+    `metric`. `predicted_memory_mb` (MB) and `predicted_step_s` (s) are the cost model's memory and training-step
+    time. `budget_mb` (MB) and `budget_time_ratio` (fraction of `full_step_s`, the full fine-tuning step in s) are the
+    ceilings (None: not constrained); `spend` says whether the plan stopped where gain stopped growing (`"gain"`) or
+    spent the ceiling (`"budget"`), `ladder` holds the budgets it compared and `stop_reason` why it chose this one.
+    `axis` is the channel axis the unit memory was counted for; the fingerprints and `device` say which model, data
+    and device it belongs to.
     """
 
     units: list[tuple[int, str, float]]
@@ -74,12 +107,19 @@ class Plan:
     metric: str
     model_fingerprint: dict
     data_fingerprint: str
+    additive_gain: float = 0.0
+    predicted_gain_interval: tuple[float, float] | None = None
+    predicted_damage: float = 0.0
     unit_gains: list[float] = field(default_factory=list)
+    unit_damages: list[float] = field(default_factory=list)
+    damage_weight: float = 1.0
+    spend: str = "gain"
+    gain_model: GainModel | None = None
+    ladder: list[LadderRung] = field(default_factory=list)
+    stop_reason: str = ""
     full_step_s: float | None = None
     axis: str = "out"
     device: str = ""
-    resolution_mb: float = 1.0
-    resolution_time_ratio: float = 1e-3
     format_version: int = PLAN_FORMAT_VERSION
 
     def to_config(self, **pock_config_kwargs) -> PockConfig:
@@ -90,6 +130,8 @@ class Plan:
     def to_dict(self) -> dict:
         data = asdict(self)
         data["units"] = [list(unit) for unit in self.units]
+        if self.predicted_gain_interval is not None:
+            data["predicted_gain_interval"] = list(self.predicted_gain_interval)
         # the scheme first, so the file reads as a scheme with metadata
         return {"scheme": data.pop("scheme"), **data}
 
@@ -125,27 +167,32 @@ def make_plan(
     budget_mb: float | None = None,
     budget_time_ratio: float | None = None,
     axis: str = "out",
-    resolution_mb: float = 1.0,
-    resolution_time_ratio: float = 1e-3,
+    spend: str = "gain",
+    damage_weight: float = 1.0,
 ) -> Plan:
-    """The scheme with the highest summed gain whose memory (MB) is at most `budget_mb` and whose training step (s)
-    is at most `budget_time_ratio` x `costs.full_step_s`. Give one budget or both.
+    """The cheapest scheme whose predicted gain - `damage_weight` x damage is within noise of the best one whose
+    memory (MB) is at most `budget_mb` and whose training step (s) is at most `budget_time_ratio` x
+    `costs.full_step_s` (give one ceiling or both). `spend="budget"` returns the best scheme at the ceiling itself.
 
-    `axis` is the channel axis the scheme will train (it changes unit memory). Costs are put on a grid of
-    `resolution_mb` MB and `resolution_time_ratio` x the full step (coarsened if the grid would exceed
-    `MAX_GRID_CELLS` cells); the result is optimal up to that grid. Ties go to the lower cost, then fewer units.
+    `axis` is the channel axis the scheme will train (it changes unit memory). `damage_weight` 0 ignores damage.
+    Each scheme on the way is optimal on the exact costs.
 
     Raises:
-        ValueError: no budget, a non-positive budget or resolution, an unknown axis; table and costs from different
-            models (both digests named); a malformed table (mixed `"*"` and per-module rows in a layer, duplicate
-            units, unknown modules or layers, mixed metrics, no unit with positive gain); or a budget too small for
-            even one unit (the message states the smallest feasible budget).
+        ValueError: no budget, a non-positive budget, an unknown axis or spend mode, a negative damage weight; table
+            and costs from different models (both digests named); a malformed table (mixed `"*"` and per-module rows
+            in a layer, duplicate units, unknown modules or layers, mixed metrics, no unit worth choosing); or a
+            budget too small for even one unit (the message states the smallest feasible budget).
     """
-    planner = _Planner(table, costs, axis, budget_mb, budget_time_ratio, resolution_mb, resolution_time_ratio)
-    plan = planner.solve(budget_mb, budget_time_ratio)
-    if plan is None:
+    planner = _Planner(table, costs, axis, damage_weight)
+    budget_s = planner.check_budgets(budget_mb, budget_time_ratio)
+    if spend not in SPEND_MODES:
+        raise ValueError(f"`spend` is {spend!r}; valid values are {SPEND_MODES}.")
+    ladder = planner.ladder(budget_mb, budget_s)
+    if not ladder:
         raise ValueError(planner.infeasible_message(budget_mb, budget_time_ratio))
-    return plan
+    (rung_mb, rung_s, _), reason = planner.choose(ladder, spend, budget_mb, budget_s)
+    chosen = planner.best(rung_mb, rung_s, tie_break=True)
+    return planner.to_plan(chosen, [scheme for _, _, scheme in ladder], reason, budget_mb, budget_time_ratio, spend)
 
 
 def plan_scheme(
@@ -155,66 +202,86 @@ def plan_scheme(
     budget_mb: float | None = None,
     budget_time_ratio: float | None = None,
     axis: str = "out",
+    spend: str = "gain",
+    damage_weight: float = 1.0,
     **config_kwargs,
 ) -> PockConfig:
     """`make_plan(...)` as a `PockConfig` (with `channel_axis=axis` and the other `config_kwargs`)."""
-    plan = make_plan(table, costs, budget_mb=budget_mb, budget_time_ratio=budget_time_ratio, axis=axis)
+    plan = make_plan(
+        table,
+        costs,
+        budget_mb=budget_mb,
+        budget_time_ratio=budget_time_ratio,
+        axis=axis,
+        spend=spend,
+        damage_weight=damage_weight,
+    )
     return plan.to_config(channel_axis=axis, **config_kwargs)
 
 
 def gain_vs_budget(
-    table: SensitivityTable, costs: CostProfile, budgets_mb: list[float], axis: str = "out"
+    table: SensitivityTable, costs: CostProfile, budgets_mb: list[float], axis: str = "out", damage_weight: float = 1.0
 ) -> list[Plan | None]:
-    """The best plan for each memory budget (MB), None where not even one unit fits.
+    """The best plan spending each memory budget (MB), None where not even one unit fits (no ladder: each plan is
+    the top rung of its own budget)."""
+    planner = _Planner(table, costs, axis, damage_weight)
+    plans = []
+    for budget in budgets_mb:
+        scheme = planner.best(float(budget), None, tie_break=True) if budget > 0 else None
+        reason = "spend='budget': the best scheme under the ceiling"
+        plans.append(None if scheme is None else planner.to_plan(scheme, [scheme], reason, budget, None, "budget"))
+    return plans
 
-    One dynamic programme, sized for the largest budget, answers every budget.
-    """
-    if not budgets_mb or max(budgets_mb) <= 0:
-        return [None] * len(budgets_mb)
-    planner = _Planner(table, costs, axis, max(budgets_mb), None, 1.0, 1e-3)
-    return [planner.solve(budget, None) for budget in budgets_mb]
 
-
-def plot_gain_vs_budget(
-    table: SensitivityTable,
-    costs: CostProfile,
-    path: str | os.PathLike,
-    budgets_mb: list[float] | None = None,
-    chosen: Plan | None = None,
-    axis: str | None = None,
-) -> Path:
-    """A PNG of predicted gain against memory budget (MB), with the `chosen` plan marked.
-
-    Default budgets: 20 from the smallest feasible one to the memory of taking every unit with positive gain (at its
-    most expensive ratio), past which more memory gains nothing. `axis` defaults to the chosen plan's.
-    """
+def plot_gain_vs_budget(plan: Plan, path: str | os.PathLike, table: SensitivityTable | None = None) -> Path:
+    """A PNG of the plan's ladder: predicted gain (with its interval), damage and additive score against memory (MB),
+    the measured schemes of `table` (with their standard errors), and the chosen scheme marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    axis = axis or (chosen.axis if chosen is not None else "out")
-    if budgets_mb is None:
-        budgets_mb = _default_budgets(_Planner(table, costs, axis, None, None, 1.0, 1e-3, sized=False))
-    plans = gain_vs_budget(table, costs, list(budgets_mb), axis=axis)
-    gains = [plan.predicted_gain if plan is not None else np.nan for plan in plans]
-    figure, ax = plt.subplots(figsize=(6.4, 4.0))
-    ax.step(budgets_mb, gains, where="post", marker=".", label="best plan")
-    if chosen is not None:
-        x = chosen.budget_mb if chosen.budget_mb is not None else chosen.predicted_memory_mb
-        label = f"chosen: {len(chosen.units)} units, cut at layer {chosen.cut_layer}"
-        ax.plot([x], [chosen.predicted_gain], marker="*", markersize=14, linestyle="none", color="C3", label=label)
-    metric = table.rows[0].metric if table.rows else "metric"
-    ax.set(xlabel="memory budget (MB)", ylabel=f"predicted gain ({metric} improvement)")
-    ax.set_title(f"Pock plans on {costs.device}", fontsize=9)
+    memory = [rung.memory_mb for rung in plan.ladder]
+    figure, ax = plt.subplots(figsize=(6.8, 4.2))
+    predicted = np.array([rung.predicted_gain for rung in plan.ladder])
+    ax.plot(memory, predicted, marker=".", label="predicted gain" if plan.gain_model else "additive gain")
+    if plan.gain_model is not None:
+        noise = 1.96 * plan.gain_model.noise
+        ax.fill_between(memory, predicted - noise, predicted + noise, alpha=0.15, label="95% interval")
+        ax.plot(memory, [rung.additive_gain for rung in plan.ladder], ":", color="grey", label="additive score")
+    damage = [rung.predicted_damage for rung in plan.ladder]
+    if any(damage):
+        ax.plot(memory, damage, marker=".", color="C2", label="predicted damage (replay loss increase)")
+    if table is not None and table.schemes:
+        ax.errorbar(
+            [s.memory_mb for s in table.schemes],
+            [s.gain for s in table.schemes],
+            yerr=[1.96 * s.gain_se for s in table.schemes],
+            fmt="o",
+            color="C1",
+            label="measured schemes",
+        )
+    ax.plot(
+        [plan.predicted_memory_mb],
+        [plan.predicted_gain],
+        marker="*",
+        markersize=14,
+        linestyle="none",
+        color="C3",
+        label=f"chosen: {len(plan.units)} units, cut at layer {plan.cut_layer}",
+    )
+    if plan.budget_mb is not None:
+        ax.axvline(plan.budget_mb, color="black", linewidth=0.8, linestyle="--", label="memory ceiling")
+    ax.set(xlabel="memory (MB)", ylabel=f"{plan.metric} improvement")
+    ax.set_title(f"Pock plans on {plan.device}: {plan.stop_reason}", fontsize=8, wrap=True)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     return save_figure(figure, path)
 
 
 def plan_report(plan: Plan, costs: CostProfile) -> str:
-    """A short Markdown report: chosen units, predicted gain, memory against budget, step time against a full
-    fine-tuning step, and the cut layer."""
+    """A short Markdown report: chosen units, predicted gain (interval) and damage, memory against the ceiling, step
+    time against a full fine-tuning step, the cut layer, and the gain-vs-budget ladder with where it stopped."""
     _check_fingerprints(plan.model_fingerprint, costs.model_fingerprint, "plan")
     lines = [
         "# Pock plan",
@@ -224,26 +291,58 @@ def plan_report(plan: Plan, costs: CostProfile) -> str:
             f"device `{costs.device}`, channel axis `{plan.axis}`."
         ),
         "",
-        "| layer | module | ratio | gain |",
-        "|---:|---|---:|---:|",
+        "| layer | module | ratio | gain alone | damage alone |",
+        "|---:|---|---:|---:|---:|",
     ]
+    damages = plan.unit_damages or [0.0] * len(plan.units)
     gains = plan.unit_gains or [math.nan] * len(plan.units)
     lines += [
-        f"| {layer} | `{module}` | {ratio:g} | {gain:.4g} |" for (layer, module, ratio), gain in zip(plan.units, gains)
+        f"| {layer} | `{module}` | {ratio:g} | {gain:.4g} | {damage:.4g} |"
+        for (layer, module, ratio), gain, damage in zip(plan.units, gains, damages)
     ]
-    memory_budget = f"a {plan.budget_mb:.1f} MB budget" if plan.budget_mb is not None else "no memory budget"
-    time_budget = f"budget {plan.budget_time_ratio:.1%}" if plan.budget_time_ratio is not None else "no time budget"
+    memory_budget = f"a {plan.budget_mb:.1f} MB ceiling" if plan.budget_mb is not None else "no memory ceiling"
+    time_budget = f"ceiling {plan.budget_time_ratio:.1%}" if plan.budget_time_ratio is not None else "no time ceiling"
+    if plan.gain_model is not None and plan.predicted_gain_interval is not None:
+        low, high = plan.predicted_gain_interval
+        gain_line = (
+            f"- Predicted gain: {plan.predicted_gain:.4g} [{low:.4g}, {high:.4g}] ({plan.metric} improvement, "
+            f"fitted on {plan.gain_model.points} measured schemes; additive score {plan.additive_gain:.4g} "
+            f"over {len(plan.units)} units)"
+        )
+    else:
+        gain_line = (
+            f"- Predicted gain: {plan.predicted_gain:.4g} ({plan.metric} improvement, sum over {len(plan.units)} "
+            "units alone: an upper bound, the table has no measured schemes)"
+        )
     lines += [
         "",
-        f"- Predicted gain: {plan.predicted_gain:.4g} ({plan.metric} improvement, sum over {len(plan.units)} units)",
+        gain_line,
+        (
+            f"- Predicted damage (loss increase on replay data): {plan.predicted_damage:.4g} "
+            f"(weighted {plan.damage_weight:g} in the objective)"
+        ),
         f"- Predicted memory: {plan.predicted_memory_mb:.1f} MB of {memory_budget}",
         (
             f"- Predicted step time: {plan.predicted_step_s:.4g} s = {plan.predicted_step_s / costs.full_step_s:.1%} "
             f"of a full fine-tuning step ({costs.full_step_s:.4g} s); {time_budget}"
         ),
         f"- Cut layer: {plan.cut_layer} (backward runs through layers {plan.cut_layer}..{costs.num_layers - 1} only)",
+        f"- Stopped: {plan.stop_reason}",
         "",
+        "| memory (MB) | step (s) | units | cut | additive score | predicted gain | predicted damage | |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
+    for rung in plan.ladder:
+        mark = (
+            "chosen"
+            if math.isclose(rung.memory_mb, plan.predicted_memory_mb) and rung.units == len(plan.units)
+            else ""
+        )
+        lines.append(
+            f"| {rung.memory_mb:.1f} | {rung.step_s:.3g} | {rung.units} | {rung.cut_layer} | {rung.additive_gain:.4g} "
+            f"| {rung.predicted_gain:.4g} | {rung.predicted_damage:.4g} | {mark} |"
+        )
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -252,10 +351,13 @@ def plan_report(plan: Plan, costs: CostProfile) -> str:
 
 @dataclass(frozen=True)
 class _Option:
-    """One ratio of a unit with its gain and exact extra cost: memory (MB) and step time (s)."""
+    """One ratio of a unit with its table gain and damage, its value in the objective, and its exact extra cost:
+    memory (MB) and step time (s)."""
 
     ratio: float
     gain: float
+    damage: float
+    value: float
     memory_mb: float
     step_s: float
 
@@ -269,13 +371,18 @@ class _Unit:
 
 @dataclass
 class _Scheme:
-    """A candidate scheme with its exact cost at its real cut."""
+    """A candidate scheme with its exact cost at its real cut and its summed table values."""
 
     chosen: list[tuple[_Unit, _Option]]
     cut: int
-    gain: float
+    additive_gain: float
+    damage_score: float
     memory_mb: float
     step_s: float
+
+
+def _unit_keys(scheme: _Scheme) -> list[tuple[int, str, float]]:
+    return sorted((unit.layer, unit.module, option.ratio) for unit, option in scheme.chosen)
 
 
 def _check_fingerprints(expected: dict, actual: dict, what: str) -> None:
@@ -286,8 +393,9 @@ def _check_fingerprints(expected: dict, actual: dict, what: str) -> None:
         )
 
 
-def _collect_units(table: SensitivityTable, costs: CostProfile, axis: str) -> dict[int, list[_Unit]]:
-    """Units with at least one positive, finite gain, by layer, after checking the table against the profile."""
+def _check_table(table: SensitivityTable, costs: CostProfile) -> None:
+    """The table against the profile: same model, one metric, known layers and modules, one row per unit, one
+    granularity per layer."""
     _check_fingerprints(table.model_fingerprint, costs.model_fingerprint, "sensitivity table")
     metrics = {row.metric for row in table.rows}
     if len(metrics) > 1:
@@ -313,296 +421,217 @@ def _collect_units(table: SensitivityTable, costs: CostProfile, axis: str) -> di
             raise ValueError(
                 f"Layer {row.layer} has both '*' (whole-layer) and per-module rows: a table has one granularity."
             )
-    options: dict[tuple[int, str], list[_Option]] = {}
-    for row in table.rows:
-        if math.isfinite(row.gain) and row.gain > 0:
-            cost = (costs.unit_memory_mb(row.module, row.ratio, axis), costs.unit_time_s(row.module, row.ratio))
-            options.setdefault((row.layer, row.module), []).append(_Option(row.ratio, row.gain, *cost))
-    if not options:
-        raise ValueError("No unit in the table has a positive gain: there is nothing worth fine-tuning.")
-    order = {module: index for index, module in enumerate((*table.layer_modules, WHOLE_LAYER))}
-    by_layer: dict[int, list[_Unit]] = {}
-    for layer, module in sorted(options, key=lambda key: (key[0], order.get(key[1], len(order)), key[1])):
-        unit_options = tuple(sorted(options[layer, module], key=lambda option: option.ratio))
-        by_layer.setdefault(layer, []).append(_Unit(layer, module, unit_options))
-    return by_layer
 
 
-# --- the cost grid ---------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Resource:
-    """One budgeted quantity on the grid: memory (MB) or step time (s). `base[c]` is the exact cost of cut c before
-    any unit, `resolution` the grid step, `attribute` the `_Option` field holding a unit's cost."""
-
-    base: np.ndarray
-    resolution: float
-    attribute: str
-
-    def weight(self, option: _Option) -> int:
-        # rounded up: the grid never undercounts a unit
-        return math.ceil(getattr(option, self.attribute) / self.resolution)
-
-    def capacity(self, cut: int, budget: float) -> int:
-        # rounded down: the grid never overcounts what is left
-        return math.floor((budget - self.base[cut]) / self.resolution)
-
-
-def _shift(values: np.ndarray, weight: tuple[int, int], fill: float) -> np.ndarray:
-    """`out[i, j] = values[i - weight[0], j - weight[1]]`, `fill` where that index is negative."""
-    out = np.full_like(values, fill)
-    rows, cols = values.shape
-    if weight[0] < rows and weight[1] < cols:
-        out[weight[0] :, weight[1] :] = values[: rows - weight[0], : cols - weight[1]]
-    return out
-
-
-class _Knapsack:
-    """The dynamic programme over cut depths and units, on a grid of (memory, time) capacities.
-
-    A state is a pair of arrays over the grid: the best gain of a scheme whose discretised cost is at most that cell,
-    and its number of units (-inf gain: nothing fits). Layers are processed from the top down. `using[c]` is the state
-    for units of layers >= c that use at least one unit of layer c (the candidates for cut c); `from_using[c]` marks
-    the cells where the best state for layers >= c came from `using[c]`; `choices[c]` holds, per unit of layer c, the
-    choice made in each cell (see `_layer_pass`), so a scheme is read back without recomputing anything.
-    """
-
-    def __init__(self, by_layer: dict[int, list[_Unit]], num_layers: int, resources: list, shape, tolerance: float):
-        self.shape = shape
-        self.tolerance = tolerance
-        self.layers = {
-            layer: [(unit, [self._weight(resources, option) for option in unit.options]) for unit in units]
-            for layer, units in by_layer.items()
-        }
-        self.using: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self.from_using: dict[int, np.ndarray] = {}
-        self.choices: dict[int, list[np.ndarray]] = {}
-        state = (np.zeros(shape), np.zeros(shape, np.int32))  # the empty scheme: gain 0 at every capacity
-        for layer in reversed(range(num_layers)):
-            if layer in self.layers:
-                using, self.choices[layer] = self._layer_pass(layer, state)
-                better = self._better(*using, *state)
-                self.using[layer], self.from_using[layer] = using, better
-                state = (np.where(better, using[0], state[0]), np.where(better, using[1], state[1]))
-
-    @staticmethod
-    def _weight(resources: list, option: _Option) -> tuple[int, int]:
-        return tuple(0 if resource is None else resource.weight(option) for resource in resources)
-
-    def _better(self, gain, count, best_gain, best_count) -> np.ndarray:
-        """Where (gain, count) beats (best_gain, best_count): more gain, or a tie in gain and fewer units."""
-        return (gain > best_gain + self.tolerance) | ((gain >= best_gain - self.tolerance) & (count < best_count))
-
-    def _layer_pass(self, layer: int, above):
-        """Add the units of `layer` to `above`, keeping only schemes with at least one of them.
-
-        Each unit offers, per option, a step from the state before it (another unit of this layer already chosen)
-        or from `above` (its first unit of this layer). Also returns per unit a grid of the choice made: 0 none,
-        1 + j option j on top of this layer's earlier units, 1 + j + len(options) option j on top of `above`.
-        """
-        gain, count = np.full(self.shape, -np.inf), np.zeros(self.shape, np.int32)
-        choices = []
-        for unit, weights in self.layers[layer]:
-            new_gain, new_count = gain.copy(), count.copy()
-            choice = np.zeros(self.shape, np.int8)
-            for j, (option, weight) in enumerate(zip(unit.options, weights)):
-                for source, (source_gain, source_count) in enumerate(((gain, count), above)):
-                    candidate_gain = _shift(source_gain, weight, -np.inf) + option.gain
-                    candidate_count = _shift(source_count, weight, 0) + 1
-                    better = self._better(candidate_gain, candidate_count, new_gain, new_count)
-                    np.copyto(new_gain, candidate_gain, where=better)
-                    np.copyto(new_count, candidate_count, where=better)
-                    np.copyto(choice, 1 + j + source * len(unit.options), where=better)
-            gain, count = new_gain, new_count
-            choices.append(choice)
-        return (gain, count), choices
-
-    def best_at(self, cut: int, cell: tuple[int, int]) -> tuple[float, tuple[int, int]] | None:
-        """Best gain with cut `cut` within capacity `cell`, and the cheapest cell (memory first) reaching it."""
-        gain_grid = self.using[cut][0]
-        best = gain_grid[cell]
-        if best == -np.inf:
-            return None
-        threshold = best - self.tolerance
-        # gain never falls with more capacity, so the first cell reaching the best is the cheapest
-        row = int(np.argmax(gain_grid[: cell[0] + 1, cell[1]] >= threshold))
-        col = int(np.argmax(gain_grid[row, : cell[1] + 1] >= threshold))
-        return float(best), (row, col)
-
-    def reconstruct(self, cut: int, cell: tuple[int, int]) -> list[tuple[_Unit, _Option]]:
-        """The units behind `using[cut][cell]`: walk layer `cut`, then every layer above that contributed."""
-        chosen, cell = self._walk_layer(cut, cell)
-        for layer in range(cut + 1, max(self.layers) + 1):
-            if layer in self.from_using and self.from_using[layer][cell]:
-                more, cell = self._walk_layer(layer, cell)
-                chosen += more
-        return chosen
-
-    def _walk_layer(self, layer: int, cell: tuple[int, int]):
-        chosen = []
-        for (unit, weights), choice in zip(reversed(self.layers[layer]), reversed(self.choices[layer])):
-            code = int(choice[cell])
-            if code == 0:
-                continue
-            j, source = (code - 1) % len(unit.options), (code - 1) // len(unit.options)
-            chosen.append((unit, unit.options[j]))
-            cell = (cell[0] - weights[j][0], cell[1] - weights[j][1])
-            if source == 1:  # this was the layer's first unit: the rest of the scheme lies above
-                return chosen, cell
-        raise RuntimeError(f"planner bug: layer {layer} reconstruction did not reach the layers above")
+def table_gain_model(table: SensitivityTable) -> GainModel | None:
+    """The saturation curve fitted on the table's measured schemes; None with fewer than two."""
+    if len(table.schemes) < 2:
+        return None
+    gains = {(row.layer, row.module, row.ratio): row for row in table.rows}
+    scores, damage_scores = [], []
+    for measurement in table.schemes:
+        rows = [gains.get(tuple(unit)) for unit in measurement.units]
+        if any(row is None for row in rows):
+            missing = next(unit for unit, row in zip(measurement.units, rows) if row is None)
+            raise ValueError(f"A measured scheme of the table has unit {tuple(missing)}, which has no table row.")
+        scores.append(math.fsum(row.gain for row in rows))
+        damage_scores.append(math.fsum(row.damage or 0.0 for row in rows))
+    has_damage = any(row.damage is not None for row in table.rows)
+    return fit_gain_model(scores, table.schemes, damage_scores if has_damage else None)
 
 
 # --- the planner -----------------------------------------------------------------------------------------------------
 
 
 class _Planner:
-    """Checks the inputs, builds the grid for the largest budgets it will be asked about, then answers budgets."""
+    """Checks the inputs, prices every unit option, and answers budgets with exact 0/1 programmes."""
 
-    def __init__(
-        self,
-        table: SensitivityTable,
-        costs: CostProfile,
-        axis: str,
-        budget_mb: float | None,
-        budget_time_ratio: float | None,
-        resolution_mb: float,
-        resolution_time_ratio: float,
-        sized: bool = True,
-    ):
+    def __init__(self, table: SensitivityTable, costs: CostProfile, axis: str, damage_weight: float):
         if axis not in CHANNEL_AXES:
             raise ValueError(f"`axis` is {axis!r}; valid values are {CHANNEL_AXES}.")
-        if sized and budget_mb is None and budget_time_ratio is None:
+        if not (math.isfinite(damage_weight) and damage_weight >= 0):
+            raise ValueError(f"`damage_weight` is {damage_weight!r}; it must be a number >= 0.")
+        _check_table(table, costs)
+        self.table, self.costs, self.axis, self.damage_weight = table, costs, axis, damage_weight
+        self.model = table_gain_model(table)
+        self.units = self._collect_units()
+        self.pairs = [(unit, option) for unit in self.units for option in unit.options]
+        self.tolerance = VALUE_TIE_TOLERANCE * math.fsum(option.value for _, option in self.pairs)
+        self.cuts = sorted({unit.layer for unit in self.units})
+
+    # values
+
+    def _unit_value(self, gain: float, damage: float) -> float:
+        """First-order worth of a unit in the objective: its gain and damage under the fitted curves (raw table
+        values without measured schemes)."""
+        if self.model is None:
+            return gain - self.damage_weight * damage
+        damage_value = damage if self.model.damage_per_score is None else self.model.damage(damage)
+        return self.model.slope() * gain - self.damage_weight * damage_value
+
+    def predict(self, scheme: _Scheme) -> tuple[float, float]:
+        """Predicted (gain, damage) of a scheme, metric units."""
+        if self.model is None:
+            return scheme.additive_gain, scheme.damage_score
+        damage = scheme.damage_score if self.model.damage_per_score is None else self.model.damage(scheme.damage_score)
+        return self.model.gain(scheme.additive_gain), damage
+
+    def objective(self, scheme: _Scheme) -> float:
+        gain, damage = self.predict(scheme)
+        return gain - self.damage_weight * damage
+
+    def _collect_units(self) -> list[_Unit]:
+        """Units with at least one option of positive, finite value, ordered by layer then module."""
+        options: dict[tuple[int, str], list[_Option]] = {}
+        for row in self.table.rows:
+            damage = row.damage if row.damage is not None and math.isfinite(row.damage) else 0.0
+            if not math.isfinite(row.gain):
+                continue
+            value = self._unit_value(row.gain, damage)
+            if value > 0:
+                cost = (
+                    self.costs.unit_memory_mb(row.module, row.ratio, self.axis),
+                    self.costs.unit_time_s(row.module, row.ratio),
+                )
+                options.setdefault((row.layer, row.module), []).append(
+                    _Option(row.ratio, row.gain, damage, value, *cost)
+                )
+        if not options:
+            raise ValueError(
+                "No unit in the table has a positive gain (net of damage): there is nothing worth fine-tuning."
+            )
+        order = {module: index for index, module in enumerate((*self.table.layer_modules, WHOLE_LAYER))}
+        keys = sorted(options, key=lambda key: (key[0], order.get(key[1], len(order)), key[1]))
+        return [
+            _Unit(layer, module, tuple(sorted(options[layer, module], key=lambda o: o.ratio)))
+            for layer, module in keys
+        ]
+
+    # exact costs
+
+    def evaluate(self, chosen: list[tuple[_Unit, _Option]]) -> _Scheme:
+        order = {module: index for index, module in enumerate((*self.table.layer_modules, WHOLE_LAYER))}
+        chosen = sorted(chosen, key=lambda pair: (pair[0].layer, order.get(pair[0].module, len(order))))
+        cut = chosen[0][0].layer
+        return _Scheme(
+            chosen=chosen,
+            cut=cut,
+            additive_gain=math.fsum(option.gain for _, option in chosen),
+            damage_score=math.fsum(option.damage for _, option in chosen),
+            memory_mb=self.costs.base_memory_mb(cut) + math.fsum(option.memory_mb for _, option in chosen),
+            step_s=self.costs.step_s_by_cut[cut] + math.fsum(option.step_s for _, option in chosen),
+        )
+
+    @staticmethod
+    def _fits(scheme: _Scheme, budget_mb: float | None, budget_s: float | None) -> bool:
+        return (budget_mb is None or scheme.memory_mb <= budget_mb) and (budget_s is None or scheme.step_s <= budget_s)
+
+    def check_budgets(self, budget_mb: float | None, budget_time_ratio: float | None) -> float | None:
+        """The time ceiling in seconds, after checking the ceilings."""
+        if budget_mb is None and budget_time_ratio is None:
             raise ValueError(
                 "Give a budget: `budget_mb` (MB), `budget_time_ratio` (fraction of a full step), or both."
             )
         for name, value in (("budget_mb", budget_mb), ("budget_time_ratio", budget_time_ratio)):
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"`{name}` is {value!r}; it must be a positive number.")
-        for name, value in (("resolution_mb", resolution_mb), ("resolution_time_ratio", resolution_time_ratio)):
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"`{name}` is {value!r}; it must be a positive number.")
-        self.table, self.costs, self.axis = table, costs, axis
-        self.by_layer = _collect_units(table, costs, axis)
-        self.options = [
-            (unit, option) for units in self.by_layer.values() for unit in units for option in unit.options
-        ]
-        self.tolerance = GAIN_TIE_TOLERANCE * sum(option.gain for _, option in self.options)
-        self.resolution_mb, self.resolution_time_ratio = resolution_mb, resolution_time_ratio
-        if sized:
-            self._build_grid(budget_mb, budget_time_ratio)
+        return None if budget_time_ratio is None else budget_time_ratio * self.costs.full_step_s
 
-    # exact costs
+    # the 0/1 programme
 
-    def evaluate(self, chosen: list[tuple[_Unit, _Option]]) -> _Scheme:
-        chosen = sorted(chosen, key=lambda pair: (pair[0].layer, self._module_rank(pair[0].module)))
-        cut = chosen[0][0].layer
-        return _Scheme(
-            chosen=chosen,
-            cut=cut,
-            gain=math.fsum(option.gain for _, option in chosen),
-            memory_mb=self.costs.base_memory_mb(cut) + math.fsum(option.memory_mb for _, option in chosen),
-            step_s=self.costs.step_s_by_cut[cut] + math.fsum(option.step_s for _, option in chosen),
-        )
+    def best(self, budget_mb: float | None, budget_s: float | None, tie_break: bool = False) -> _Scheme | None:
+        """The scheme of highest summed value within both budgets (exact costs); None when nothing fits. With
+        `tie_break`, ties go to the lower cost (the memory budget's first when given), then to fewer units."""
+        problem = _Programme(self, budget_mb, budget_s)
+        first = problem.solve(-problem.values)
+        if first is None or not tie_break:
+            return first
+        best_value = math.fsum(option.value for _, option in first.chosen)
+        floor = (problem.values, best_value - self.tolerance)
+        primary = problem.memory if budget_mb is not None or budget_s is None else problem.time
+        cheapest = problem.solve(primary, floor) or first
+        cost = float(primary @ problem.indicator(cheapest))
+        fewest = problem.solve(problem.counts, floor, (primary, cost + 1e-9 * max(abs(cost), 1.0)))
+        return fewest or cheapest
 
-    def _module_rank(self, module: str) -> int:
-        order = (*self.table.layer_modules, WHOLE_LAYER)
-        return order.index(module) if module in order else len(order)
+    def ladder(
+        self, budget_mb: float | None, budget_s: float | None
+    ) -> list[tuple[float | None, float | None, _Scheme]]:
+        """(memory budget, time budget, best scheme) at `LADDER_RUNGS` budgets from the smallest feasible one up to
+        the ceilings (both scaled together, geometrically), smallest budget first, each distinct scheme once at the
+        smallest budget that buys it; empty when nothing fits the ceiling."""
+        lowest = min(self._scale_needed(self.evaluate([pair]), budget_mb, budget_s) for pair in self.pairs)
+        if lowest > 1:
+            return []
+        rungs: list[tuple[float | None, float | None, _Scheme]] = []
+        for scale in np.geomspace(lowest, 1.0, LADDER_RUNGS) if lowest < 1 else [1.0]:
+            scale = min(float(scale), 1.0)
+            rung_mb = None if budget_mb is None else budget_mb * scale
+            rung_s = None if budget_s is None else budget_s * scale
+            scheme = self.best(rung_mb, rung_s)
+            if scheme is not None and not any(self._same(scheme, other) for _, _, other in rungs):
+                rungs.append((rung_mb, rung_s, scheme))
+        return rungs
 
     @staticmethod
-    def _fits(scheme: _Scheme, budget_mb: float | None, budget_s: float | None) -> bool:
-        return (budget_mb is None or scheme.memory_mb <= budget_mb) and (budget_s is None or scheme.step_s <= budget_s)
+    def _scale_needed(scheme: _Scheme, budget_mb: float | None, budget_s: float | None) -> float:
+        needs = []
+        if budget_mb is not None:
+            needs.append(scheme.memory_mb / budget_mb)
+        if budget_s is not None:
+            needs.append(scheme.step_s / budget_s)
+        return max(needs)
 
-    # the grid
+    @staticmethod
+    def _same(a: _Scheme, b: _Scheme) -> bool:
+        return _unit_keys(a) == _unit_keys(b)
 
-    def _build_grid(self, budget_mb: float | None, budget_time_ratio: float | None) -> None:
-        """Size the grid for these budgets; coarsen it while it has more than `MAX_GRID_CELLS` cells."""
-        full = self.costs.full_step_s
-        budgets = [budget_mb, None if budget_time_ratio is None else budget_time_ratio * full]
-        bases = [
-            np.array([self.costs.base_memory_mb(c) for c in range(self.costs.num_layers)]),
-            np.array(self.costs.step_s_by_cut, dtype=float),
-        ]
-        resolutions = [self.resolution_mb, self.resolution_time_ratio * full]
-        while True:
-            self.resources = [
-                None if budget is None else _Resource(base, resolution, attribute)
-                for budget, base, resolution, attribute in zip(budgets, bases, resolutions, ("memory_mb", "step_s"))
-            ]
-            shape = tuple(self._size(resource, budget) for resource, budget in zip(self.resources, budgets))
-            cells = shape[0] * shape[1]
-            if cells <= MAX_GRID_CELLS:
-                break
-            active = sum(resource is not None for resource in self.resources)
-            factor = 1.01 * (cells / MAX_GRID_CELLS) ** (1 / active)
-            resolutions = [resolution * factor for resolution in resolutions]
-        self.resolution_mb, self.resolution_time_ratio = resolutions[0], resolutions[1] / full
-        self.knapsack = _Knapsack(self.by_layer, self.costs.num_layers, self.resources, shape, self.tolerance)
-
-    def _size(self, resource: _Resource | None, budget: float | None) -> int:
-        """Grid cells along one resource: up to the largest capacity of any cut, but no more than all units need."""
-        if resource is None:
-            return 1
-        largest = max(resource.capacity(layer, budget) for layer in self.by_layer)
-        everything = sum(max(resource.weight(option) for option in unit.options) for unit in self._units())
-        return max(1, min(largest, everything) + 1)
-
-    def _units(self) -> list[_Unit]:
-        return [unit for units in self.by_layer.values() for unit in units]
-
-    # answering a budget
-
-    def solve(self, budget_mb: float | None, budget_time_ratio: float | None) -> Plan | None:
-        """The best plan within these budgets (no larger than the grid was built for), or None if nothing fits."""
-        budget_s = None if budget_time_ratio is None else budget_time_ratio * self.costs.full_step_s
-        budgets = (budget_mb, budget_s)
-        # single units, costed exactly: whatever fits exactly is found, even where the grid's rounding rejects it
-        feasible = [s for s in (self.evaluate([pair]) for pair in self.options) if self._fits(s, budget_mb, budget_s)]
-        candidates = [c for c in (self._candidate(cut, budgets) for cut in self.knapsack.using) if c is not None]
-        candidates.sort(key=lambda candidate: -candidate[0])
-        for gain, cut, cell in candidates:
-            best = max((scheme.gain for scheme in feasible), default=-math.inf)
-            if gain < best - self.tolerance:
-                break  # sorted: no later cut can win, not even on a tie
-            scheme = self.evaluate(self.knapsack.reconstruct(cut, cell))
-            if self._fits(scheme, budget_mb, budget_s):
-                feasible.append(scheme)
-        if not feasible:
-            return None
-        return self._to_plan(self._pick(feasible, budget_mb), budget_mb, budget_time_ratio)
-
-    def _candidate(self, cut: int, budgets: tuple[float | None, float | None]):
-        cell = []
-        for resource, budget, size in zip(self.resources, budgets, self.knapsack.shape):
-            capacity = 0 if resource is None else resource.capacity(cut, budget)
-            if capacity < 0:
-                return None
-            cell.append(min(capacity, size - 1))
-        best = self.knapsack.best_at(cut, tuple(cell))
-        return None if best is None else (best[0], cut, best[1])
-
-    def _pick(self, feasible: list[_Scheme], budget_mb: float | None) -> _Scheme:
-        """Highest gain; among ties the lower cost (the budgeted one first), then fewer units."""
-        best = max(scheme.gain for scheme in feasible)
-        tied = [scheme for scheme in feasible if scheme.gain >= best - self.tolerance]
-
-        def cost(scheme: _Scheme):
-            memory_first = budget_mb is not None
-            primary, secondary = (
-                (scheme.memory_mb, scheme.step_s) if memory_first else (scheme.step_s, scheme.memory_mb)
+    def choose(self, ladder: list, spend: str, budget_mb: float | None, budget_s: float | None) -> tuple[tuple, str]:
+        """The rung to return, (memory budget, time budget, scheme), and why; the ceiling's budgets where it is the
+        top rung."""
+        top = max(ladder, key=lambda rung: (self.objective(rung[2]), -rung[2].memory_mb))
+        ceiling = (budget_mb, budget_s, ladder[-1][2])
+        if spend == "budget":
+            return ceiling, "spend='budget': the best scheme under the ceiling"
+        if self.model is None:
+            return ceiling, (
+                "the table has no measured schemes, so the additive score cannot tell where gain saturates: "
+                "planned to the ceiling (measure schemes with planning.calibration to stop earlier)"
             )
-            return primary, secondary, len(scheme.chosen), -scheme.gain
+        best = self.objective(top[2])
+        chosen = next(rung for rung in ladder if self.objective(rung[2]) >= best - self.model.noise)
+        if chosen is ladder[-1]:
+            return ceiling, "predicted gain - damage still grows at the ceiling"
+        return chosen, (
+            f"smallest scheme within noise ({self.model.noise:.3g}) of the best predicted gain - damage under the "
+            f"ceiling ({best:.4g} at {top[2].memory_mb:.0f} MB)"
+        )
 
-        return min(tied, key=cost)
-
-    def _to_plan(self, scheme: _Scheme, budget_mb: float | None, budget_time_ratio: float | None) -> Plan:
+    def to_plan(
+        self,
+        scheme: _Scheme,
+        ladder: list[_Scheme],
+        reason: str,
+        budget_mb: float | None,
+        budget_time_ratio: float | None,
+        spend: str,
+    ) -> Plan:
         units = [(unit.layer, unit.module, option.ratio) for unit, option in scheme.chosen]
         names = {name: ratio for layer, module, ratio in units for name in self.table.module_names(layer, module)}
+        gain, damage = self.predict(scheme)
+        rungs = []
+        for rung in ladder:
+            rung_gain, rung_damage = self.predict(rung)
+            rungs.append(
+                LadderRung(
+                    rung.memory_mb, rung.step_s, len(rung.chosen), rung.cut, rung.additive_gain, rung_gain, rung_damage
+                )
+            )
         return Plan(
             units=units,
             scheme=names,
             cut_layer=scheme.cut,
-            predicted_gain=scheme.gain,
+            predicted_gain=gain,
             predicted_memory_mb=scheme.memory_mb,
             predicted_step_s=scheme.step_s,
             budget_mb=budget_mb,
@@ -610,27 +639,27 @@ class _Planner:
             metric=self.table.rows[0].metric,
             model_fingerprint=dict(self.table.model_fingerprint),
             data_fingerprint=self.table.data_fingerprint,
+            additive_gain=scheme.additive_gain,
+            predicted_gain_interval=None if self.model is None else self.model.interval(scheme.additive_gain),
+            predicted_damage=damage,
             unit_gains=[option.gain for _, option in scheme.chosen],
+            unit_damages=[option.damage for _, option in scheme.chosen],
+            damage_weight=self.damage_weight,
+            spend=spend,
+            gain_model=self.model,
+            ladder=rungs,
+            stop_reason=reason,
             full_step_s=self.costs.full_step_s,
             axis=self.axis,
             device=self.costs.device,
-            resolution_mb=self.resolution_mb,
-            resolution_time_ratio=self.resolution_time_ratio,
         )
 
     # limits
 
     def smallest_budgets(self) -> tuple[float, float]:
         """The smallest memory budget (MB) and time budget (fraction of a full step) that fit one unit."""
-        singles = [self.evaluate([pair]) for pair in self.options]
+        singles = [self.evaluate([pair]) for pair in self.pairs]
         return min(s.memory_mb for s in singles), min(s.step_s for s in singles) / self.costs.full_step_s
-
-    def largest_useful_budget_mb(self) -> float:
-        """Memory (MB) of every unit at its most memory-hungry positive ratio: no larger budget gains more."""
-        cut = min(self.by_layer)
-        return self.costs.base_memory_mb(cut) + math.fsum(
-            max(option.memory_mb for option in unit.options) for unit in self._units()
-        )
 
     def infeasible_message(self, budget_mb: float | None, budget_time_ratio: float | None) -> str:
         memory, ratio = self.smallest_budgets()
@@ -653,7 +682,86 @@ class _Planner:
         return message + "."
 
 
-def _default_budgets(planner: _Planner, count: int = 20) -> list[float]:
-    low, _ = planner.smallest_budgets()
-    high = max(planner.largest_useful_budget_mb(), low * 1.01)
-    return [float(budget) for budget in np.linspace(low, high, count)]
+class _Programme:
+    """The 0/1 programme for one pair of budgets. Variables: one binary per unit option (x), then one per cut depth
+    (y). Constraints: at most one option per unit; exactly one cut; a unit only at or above the cut; the cut layer
+    holds a unit (so the cut is the deepest updated layer and its cost the real one); memory and time within
+    budget. Costs enter exactly as floats."""
+
+    def __init__(self, planner: _Planner, budget_mb: float | None, budget_s: float | None):
+        self.planner, self.budget_mb, self.budget_s = planner, budget_mb, budget_s
+        pairs, cuts, costs = planner.pairs, planner.cuts, planner.costs
+        n_x, n_y = len(pairs), len(cuts)
+        self.size = n_x + n_y
+        self.values = np.concatenate([[o.value for _, o in pairs], np.zeros(n_y)])
+        self.counts = np.concatenate([np.ones(n_x), np.zeros(n_y)])
+        self.memory = np.concatenate([[o.memory_mb for _, o in pairs], [costs.base_memory_mb(c) for c in cuts]])
+        self.time = np.concatenate([[o.step_s for _, o in pairs], [costs.step_s_by_cut[c] for c in cuts]])
+        rows, lower, upper = [], [], []
+
+        def add(coefficients: dict[int, float], low: float, high: float) -> None:
+            row = np.zeros(self.size)
+            for index, coefficient in coefficients.items():
+                row[index] += coefficient
+            rows.append(row)
+            lower.append(low)
+            upper.append(high)
+
+        by_unit: dict[int, list[int]] = {}
+        for index, (unit, _) in enumerate(pairs):
+            by_unit.setdefault(id(unit), []).append(index)
+        cut_index = {cut: n_x + j for j, cut in enumerate(cuts)}
+        units_at = {cut: [] for cut in cuts}
+        for unit in planner.units:
+            options = by_unit[id(unit)]
+            add(dict.fromkeys(options, 1.0), -np.inf, 1.0)
+            allowed = {cut_index[c]: -1.0 for c in cuts if c <= unit.layer}
+            add({**dict.fromkeys(options, 1.0), **allowed}, -np.inf, 0.0)
+            units_at[unit.layer] += options
+        for cut in cuts:
+            add({cut_index[cut]: 1.0, **dict.fromkeys(units_at[cut], -1.0)}, -np.inf, 0.0)
+        add(dict.fromkeys(cut_index.values(), 1.0), 1.0, 1.0)
+        self.base = LinearConstraint(np.array(rows), lower, upper)
+
+    def indicator(self, scheme: _Scheme) -> np.ndarray:
+        chosen = set(_unit_keys(scheme))
+        x = [1.0 if (u.layer, u.module, o.ratio) in chosen else 0.0 for u, o in self.planner.pairs]
+        return np.concatenate([x, [1.0 if c == scheme.cut else 0.0 for c in self.planner.cuts]])
+
+    def solve(self, objective: np.ndarray, at_least=None, at_most=None) -> _Scheme | None:
+        """Minimise `objective` within the budgets, with `at_least = (row, bound)` and `at_most = (row, bound)`
+        as extra constraints; the exact-cost scheme, or None if nothing fits. A solution over a budget by the solver's
+        tolerance is solved again with that budget tightened by the excess."""
+        budget_mb, budget_s = self.budget_mb, self.budget_s
+        for attempt in range(BUDGET_RETRIES):
+            constraints = [self.base]
+            if budget_mb is not None:
+                constraints.append(LinearConstraint(self.memory[None], -np.inf, budget_mb))
+            if budget_s is not None:
+                constraints.append(LinearConstraint(self.time[None], -np.inf, budget_s))
+            if at_least is not None:
+                constraints.append(LinearConstraint(at_least[0][None], at_least[1], np.inf))
+            if at_most is not None:
+                constraints.append(LinearConstraint(at_most[0][None], -np.inf, at_most[1]))
+            result = milp(
+                objective,
+                integrality=np.ones(self.size),
+                bounds=Bounds(0, 1),
+                constraints=constraints,
+                options={"mip_rel_gap": 0.0, "time_limit": SOLVER_TIME_LIMIT_S},
+            )
+            if result.x is None:
+                return None
+            chosen = [pair for pair, x in zip(self.planner.pairs, result.x) if x > 0.5]
+            if not chosen:
+                return None
+            scheme = self.planner.evaluate(chosen)
+            if self.planner._fits(scheme, self.budget_mb, self.budget_s):
+                return scheme
+            # over by the solver's feasibility tolerance: tighten by the excess and a margin that grows each time
+            margin = SOLVER_TOLERANCE * 10**attempt
+            if budget_mb is not None:
+                budget_mb -= max(scheme.memory_mb - self.budget_mb, 0.0) + margin * max(abs(self.budget_mb), 1.0)
+            if budget_s is not None:
+                budget_s -= max(scheme.step_s - self.budget_s, 0.0) + margin * max(abs(self.budget_s), 1.0)
+        return None

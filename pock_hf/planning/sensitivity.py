@@ -1,11 +1,22 @@
-"""Measure how much updating each unit (layer x module x channel ratio) alone helps the task.
+"""Measure how much updating each unit (layer x module x channel ratio) alone helps the task, and what it breaks.
 
 `method="measured"` is PockEngine's procedure: for every unit, start from the frozen model, fine-tune only that unit
-for `steps` steps with the Pock adapter (so each trial gets the depth-cut savings), and record how much the
-validation loss improves over the frozen model. `method="proxy"` is a cheap first-order estimate from a few
-backward passes: the loss decrease one SGD step of size `lr` on the unit's top-k channels would give,
-lr * sum of the k largest per-channel squared gradient norms. The proxy also yields per-channel importance, which
-`gradient_channel_indices` turns into `PockConfig.channel_indices`.
+for `steps` AdamW steps with the Pock adapter (so each trial gets the depth-cut savings), and record how much the
+validation loss improves over the frozen model (`gain`) and, given replay data (general prompts with the base
+model's own replies), how much the loss on it rises (`damage`).
+
+`method="proxy"` is a first-order estimate from `steps` backward passes, for the optimizer that will train. An
+optimizer moves weight w by -lr * d_w per step: AdamW's first steps by d_w = sign(g_w), SGD's by d_w = g_w (g: the
+mean task gradient). After `steps` steps the task loss falls by about steps * lr * sum g_w * d_w over the unit's
+channels: steps * lr * sum |g_w| for AdamW, steps * lr * sum g_w^2 for SGD (which over-ranks units with large
+activations when AdamW trains). Channels are ranked by the same per-channel sum, so the channels a unit would update
+are the ones its gain counts. Damage on replay data is estimated the same way, to second order:
+-steps * lr * sum r_w * d_w + (steps * lr)^2 / 2 * sum F_w * d_w^2, with r the mean replay gradient and F the
+mean per-example squared replay gradient (an empirical Fisher).
+
+Memory: the proxy holds the gradients of at most `max_grad_mb` MB of weights at once (layers are measured in groups,
+top first, each a pass over the batches) and backpropagates `micro_batch_size` rows at a time through the label-only
+loss, so measuring needs no more memory than training the scheme it plans.
 """
 
 from __future__ import annotations
@@ -16,8 +27,10 @@ import math
 import os
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -27,11 +40,14 @@ from ..engine.training import labelled_token_count
 from ..tuner import PockConfig, get_pock_model
 from ..tuner.depth_cut import find_decoder_layers
 from ..tuner.fingerprint import model_fingerprint
+from ..tuner.loss import IGNORE_INDEX, install_label_only_loss, label_only_loss, remove_label_only_loss
 from ..tuner.sparse_backward import channel_count
 from .table import LLAMA_LAYER_MODULES, WHOLE_LAYER, SensitivityRow, SensitivityTable
 
 METHODS = ("measured", "proxy")
 GRANULARITIES = ("module", "layer")
+PROXY_OPTIMIZERS = ("adamw", "sgd")
+MB = 2**20
 
 
 def as_examples(data: Sequence[dict], tokenizer, max_length: int, what: str = "training") -> list[dict]:
@@ -50,10 +66,13 @@ def as_examples(data: Sequence[dict], tokenizer, max_length: int, what: str = "t
     return examples
 
 
-def data_fingerprint(train: Sequence[dict], evaluation: Sequence[dict]) -> str:
+def data_fingerprint(train: Sequence[dict], evaluation: Sequence[dict], replay: Sequence[dict] = ()) -> str:
     """A digest of the exact token ids and labels a measurement used."""
     digest = hashlib.sha256()
-    for example in (*train, {"split": "eval"}, *evaluation):
+    splits = (*train, {"split": "eval"}, *evaluation)
+    if replay:
+        splits += ({"split": "replay"}, *replay)
+    for example in splits:
         digest.update(json.dumps({k: example.get(k) for k in ("input_ids", "labels", "split")}).encode())
     return digest.hexdigest()[:16]
 
@@ -66,21 +85,97 @@ def fixed_batches(examples: list[dict], collate, batch_size: int, count: int, se
     return [collate([examples[i] for i in order[b * batch_size : (b + 1) * batch_size]]) for b in range(count)]
 
 
+@dataclass
+class MeasurementData:
+    """The batches every measurement of one table uses: `steps` training batches, the validation and replay
+    examples in batches (replay empty without replay data), and the fingerprint of all of it."""
+
+    train_batches: list[dict]
+    eval_batches: list[dict]
+    replay_batches: list[dict]
+    fingerprint: str
+
+
+def prepare_measurement_data(
+    tokenizer,
+    train_data: Sequence[dict],
+    eval_data: Sequence[dict],
+    replay_data: Sequence[dict] | None = None,
+    *,
+    batch_size: int,
+    steps: int,
+    max_length: int,
+    seed: int,
+) -> MeasurementData:
+    """Tokenize (unless already tokenized) and batch the data of a measurement; the same arguments give the same
+    batches and fingerprint, so a table's measured schemes can be added later on exactly its data.
+
+    Raises:
+        ValueError: no rows, or every row of a split dropped by tokenization.
+    """
+    collate = InstructionCollator(pad_token_id=tokenizer.pad_token_id if tokenizer is not None else 0)
+    train = as_examples(train_data, tokenizer, max_length, "training")
+    evaluation = as_examples(eval_data, tokenizer, max_length, "validation")
+    replay = as_examples(replay_data, tokenizer, max_length, "replay") if replay_data else []
+
+    def batches(examples: list[dict]) -> list[dict]:
+        return [collate(examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)]
+
+    return MeasurementData(
+        train_batches=fixed_batches(train, collate, batch_size, steps, seed),
+        eval_batches=batches(evaluation),
+        replay_batches=batches(replay),
+        fingerprint=data_fingerprint(train, evaluation, replay),
+    )
+
+
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, batches: list[dict]) -> float:
-    """Mean loss per labelled token over `batches` (each batch's mean weighted by its labelled-token count)."""
+def example_losses(model: nn.Module, batches: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """Summed loss (nats) and labelled-token count of every example in `batches`, in order.
+
+    `model` is a causal LM (plain or Pock-wrapped, not wrapped by accelerate); the head runs only at labelled
+    positions, so no [tokens x vocab] logits are made.
+    """
     was_training = model.training
     model.eval()
-    total, tokens = 0.0, 0
-    for batch in batches:
-        count = labelled_token_count(batch)
-        if count:
-            total += model(**batch).loss.item() * count
-            tokens += count
-    model.train(was_training)
-    if not tokens:
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    sums, counts = [], []
+    try:
+        for batch in batches:
+            hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            for row in range(hidden.shape[0]):
+                labels = batch["labels"][row : row + 1]
+                sums.append(label_only_loss(hidden[row : row + 1], labels, head, num_items_in_batch=1).item())
+                counts.append(int((labels[:, 1:] != IGNORE_INDEX).sum()))
+    finally:
+        model.train(was_training)
+    return np.array(sums), np.array(counts, dtype=float)
+
+
+def evaluate_loss(model: nn.Module, batches: list[dict]) -> float:
+    """Mean loss per labelled token over `batches` (nats/token), computed on labelled positions only.
+
+    Raises:
+        ValueError: the batches hold no labelled token.
+    """
+    sums, counts = example_losses(model, batches)
+    if counts.sum() <= 0:
         raise ValueError("The validation data has no labelled token to measure a loss on.")
-    return total / tokens
+    return float(sums.sum() / counts.sum())
+
+
+def paired_difference(before: np.ndarray, after: np.ndarray, counts: np.ndarray) -> tuple[float, float]:
+    """Mean per-token decrease from `before` to `after` (per-example loss sums over the same examples) and its
+    standard error, paired over examples (a ratio estimator: examples differ in length)."""
+    total = counts.sum()
+    if total <= 0:
+        raise ValueError("The data has no labelled token to measure a loss on.")
+    differences = before - after
+    mean = float(differences.sum() / total)
+    residuals = differences - mean * counts
+    n = len(counts)
+    se = float(math.sqrt(n / max(n - 1, 1) * float(residuals @ residuals)) / total)
+    return mean, se
 
 
 def layer_module_paths(model: nn.Module, layers_name: str, modules: Sequence[str] | None) -> tuple[str, ...]:
@@ -100,6 +195,7 @@ def measure_sensitivity(
     train_data: Sequence[dict],
     eval_data: Sequence[dict],
     *,
+    replay_data: Sequence[dict] | None = None,
     method: str = "measured",
     ratios: Sequence[float] = (0.25, 1.0),
     modules: Sequence[str] | None = None,
@@ -111,69 +207,91 @@ def measure_sensitivity(
     max_length: int = 256,
     axis: str = "out",
     seed: int = 0,
+    proxy_optimizer: str = "adamw",
+    micro_batch_size: int | None = None,
+    max_grad_mb: float | None = None,
     progress: bool = True,
     resume_path: str | os.PathLike | None = None,
 ) -> SensitivityTable:
     """Build a `SensitivityTable` for `model` (a plain transformers model, not yet wrapped).
 
-    `train_data`/`eval_data` are instruction rows or tokenized examples. Units are every layer in `layers` (default
-    all) times every module path in `modules` (default the Llama linears), or whole layers with
-    `granularity="layer"`, times every ratio in `ratios`. Measured mode runs `steps` AdamW steps (learning rate `lr`)
-    per unit; proxy mode uses `steps` backward passes in total. Deterministic given `seed`. The model is returned to
-    its original state (weights, requires_grad) afterwards.
+    `train_data`/`eval_data`/`replay_data` are instruction rows or tokenized examples; `replay_data` (general prompts
+    with the base model's own replies) adds each unit's damage. Units are every layer in `layers` (default all) times
+    every module path in `modules` (default the Llama linears), or whole layers with `granularity="layer"`, times
+    every ratio in `ratios`. Measured mode runs `steps` AdamW steps (learning rate `lr`) per unit; proxy mode uses
+    `steps` backward passes per group of layers, estimating the step of `proxy_optimizer` (`"adamw"` or `"sgd"`),
+    `micro_batch_size` rows per backward (default: the whole batch; the result is the same), holding at most
+    `max_grad_mb` MB of weight gradients at once (default: every candidate at once). Deterministic given `seed`.
+    The model is returned to its original state (weights, requires_grad, forward) afterwards.
 
     With `resume_path`, the table measured so far is written there atomically after the baseline and after every
     unit, and the units an existing file at that path already holds are taken from it instead of being measured
     again, so a measurement killed at any moment continues where it stopped and gives the same table. Proxy mode
-    measures all units in one pass: there the file is reused only when complete. The caller deletes the file once
+    measures all units in one go: there the file is reused only when complete. The caller deletes the file once
     the finished table is saved elsewhere.
 
     Raises:
-        ValueError: unknown method, granularity, module path or layer index, ratio outside (0, 1], non-positive
-            steps, batch size, max length or learning rate, data with nothing to learn from, or a `resume_path` file
-            made with another model, data or settings (the message names what differs).
+        ValueError: unknown method, granularity, proxy optimizer, module path or layer index, ratio outside (0, 1],
+            non-positive steps, batch size, micro-batch size, max length, learning rate or gradient memory, data with
+            nothing to learn from, or a `resume_path` file made with another model, data or settings (the message
+            names what differs).
     """
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not one of {METHODS}.")
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity {granularity!r} is not one of {GRANULARITIES}.")
+    if proxy_optimizer not in PROXY_OPTIMIZERS:
+        raise ValueError(f"proxy_optimizer {proxy_optimizer!r} is not one of {PROXY_OPTIMIZERS}.")
     if not ratios or any(not 0 < r <= 1 for r in ratios):
         raise ValueError(f"ratios must be in (0, 1], got {list(ratios)}.")
     for name, value in (("steps", steps), ("batch_size", batch_size), ("max_length", max_length)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive number, got {lr!r}.")
+    if micro_batch_size is not None and (
+        isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1
+    ):
+        raise ValueError(f"micro_batch_size must be a positive integer, got {micro_batch_size!r}.")
+    for name, value in (("lr", lr), ("max_grad_mb", max_grad_mb)):
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a positive number, got {value!r}.")
     layers_name, stack = find_decoder_layers(model)
     layer_modules = layer_module_paths(model, layers_name, modules)
     layers = list(range(len(stack))) if layers is None else list(layers)
     if not layers or any(not 0 <= layer < len(stack) for layer in layers):
         raise ValueError(f"layers must be in [0, {len(stack)}), got {layers}.")
 
-    collate = InstructionCollator(pad_token_id=tokenizer.pad_token_id if tokenizer is not None else 0)
-    train = as_examples(train_data, tokenizer, max_length, "training")
-    evaluation = as_examples(eval_data, tokenizer, max_length, "validation")
-    train_batches = fixed_batches(train, collate, batch_size, steps, seed)
-    eval_batches = [collate(evaluation[i : i + batch_size]) for i in range(0, len(evaluation), batch_size)]
+    data = prepare_measurement_data(
+        tokenizer,
+        train_data,
+        eval_data,
+        replay_data,
+        batch_size=batch_size,
+        steps=steps,
+        max_length=max_length,
+        seed=seed,
+    )
     unit_modules = [WHOLE_LAYER] if granularity == "layer" else list(layer_modules)
+    settings = {
+        "method": method,
+        "ratios": list(ratios),
+        "layers": layers,
+        "granularity": granularity,
+        "steps": steps,
+        "lr": lr,
+        "batch_size": batch_size,
+        "max_length": max_length,
+        "axis": axis,
+        "seed": seed,
+    }
+    if method == "proxy":
+        settings["proxy_optimizer"] = proxy_optimizer
     table = SensitivityTable(
         rows=[],
         model_fingerprint=model_fingerprint(model),
-        data_fingerprint=data_fingerprint(train, evaluation),
+        data_fingerprint=data.fingerprint,
         layers_name=layers_name,
         layer_modules=layer_modules,
-        settings={
-            "method": method,
-            "ratios": list(ratios),
-            "layers": layers,
-            "granularity": granularity,
-            "steps": steps,
-            "lr": lr,
-            "batch_size": batch_size,
-            "max_length": max_length,
-            "axis": axis,
-            "seed": seed,
-        },
+        settings=settings,
     )
     partial = _load_partial(resume_path, table) if resume_path is not None else None
 
@@ -186,17 +304,19 @@ def measure_sensitivity(
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     try:
         if partial is not None and partial.baseline is not None:
-            table.baseline = partial.baseline
+            table.baseline, table.replay_baseline = partial.baseline, partial.replay_baseline
         else:
-            table.baseline = evaluate_loss(model, eval_batches)
+            table.baseline = evaluate_loss(model, data.eval_batches)
+            table.replay_baseline = evaluate_loss(model, data.replay_batches) if data.replay_batches else None
             save()
         if method == "measured":
-            _measure(model, table, trials, done, train_batches, eval_batches, lr, axis, seed, progress, save)
+            _measure(model, table, trials, done, data, lr, axis, seed, progress, save)
         elif all(trial in done for trial in trials):
             table.rows = [done[trial] for trial in trials]
             table.channel_importance = partial.channel_importance
         else:
-            _proxy(model, table, trials, train_batches, lr, axis, progress)
+            proxy = _Proxy(model, table, data, lr * steps, proxy_optimizer, axis, micro_batch_size, progress)
+            proxy.run(trials, max_grad_mb)
             save()
     finally:
         for name, parameter in model.named_parameters():
@@ -233,11 +353,10 @@ def _load_partial(path: str | os.PathLike, table: SensitivityTable) -> Sensitivi
     return partial
 
 
-def trial_loss(
-    model: nn.Module, config: PockConfig, train_batches: list[dict], eval_batches: list[dict], lr: float, seed: int
-) -> float:
-    """Validation loss after training the Pock adapter `config` on `train_batches` (one AdamW step each, learning
-    rate `lr`). The base model comes back untouched: the adapter is unloaded, and the deltas lived beside the weights."""
+def train_scheme(model: nn.Module, config: PockConfig, train_batches: list[dict], lr: float, seed: int) -> nn.Module:
+    """`model` wrapped with the Pock adapter `config` and trained on `train_batches` (one AdamW step each, learning
+    rate `lr`, no weight decay). The caller unloads it (`wrapped.unload()`), which gives the base model back
+    untouched: the deltas live beside the frozen weights."""
     torch.manual_seed(seed)
     wrapped = get_pock_model(model, config)
     optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
@@ -246,49 +365,158 @@ def trial_loss(
         wrapped(**batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    loss = evaluate_loss(wrapped, eval_batches)
-    wrapped.unload()
-    return loss
+    return wrapped
 
 
-def _measure(model, table, trials, done, train_batches, eval_batches, lr, axis, seed, progress, save) -> None:
+def _measure(model, table, trials, done, data: MeasurementData, lr, axis, seed, progress, save) -> None:
     """Append a measured row per trial, in trial order: from `done` where it is there, else measured and `save`d."""
     for layer, module, ratio in tqdm(trials, desc="measuring sensitivity", unit="unit", disable=not progress):
         if (layer, module, ratio) in done:
             table.rows.append(done[layer, module, ratio])
             continue
         config = PockConfig(scheme=dict.fromkeys(table.module_names(layer, module), ratio), channel_axis=axis)
-        loss = trial_loss(model, config, train_batches, eval_batches, lr, seed)
-        table.rows.append(
-            SensitivityRow(layer, module, ratio, table.baseline - loss, "measured", len(train_batches), "loss")
-        )
+        wrapped = train_scheme(model, config, data.train_batches, lr, seed)
+        try:
+            gain = table.baseline - evaluate_loss(wrapped, data.eval_batches)
+            damage = None
+            if data.replay_batches:
+                damage = evaluate_loss(wrapped, data.replay_batches) - table.replay_baseline
+        finally:
+            wrapped.unload()
+        steps = len(data.train_batches)
+        table.rows.append(SensitivityRow(layer, module, ratio, gain, "measured", steps, "loss", damage))
         save()
 
 
-def _proxy(model, table, trials, train_batches, lr, axis, progress) -> None:
-    names = sorted({name for layer, module, _ in trials for name in table.module_names(layer, module)})
-    weights = {name: model.get_submodule(name).weight for name in names}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for weight in weights.values():
-        weight.requires_grad_(True)
-    was_training = model.training
-    model.train()
-    try:
-        for batch in tqdm(train_batches, desc="proxy sensitivity (backward passes)", disable=not progress):
-            (model(**batch).loss / len(train_batches)).backward()
+class _Proxy:
+    """First-order gains (and second-order damage) of every unit from backward passes, a group of layers at a time.
+
+    Per weight w of a candidate module: g_w, the task gradient averaged over the training batches; the optimizer's
+    direction d_w (sign(g_w) for AdamW, g_w for SGD); and with replay data r_w, the mean per-example replay
+    gradient, and F_w, the mean per-example squared replay gradient. Per output (or input) channel, summed over its
+    weights: importance = sum g_w d_w, cross = sum r_w d_w, curvature = sum F_w d_w^2. A unit's k channels are its
+    k most important; its gain is `displacement` x their importance and its damage
+    -displacement x their cross + displacement^2 / 2 x their curvature, where `displacement` = steps x lr.
+    """
+
+    def __init__(self, model, table, data: MeasurementData, displacement, optimizer, axis, micro_batch_size, progress):
+        self.model, self.table, self.data = model, table, data
+        self.displacement, self.optimizer, self.axis = displacement, optimizer, axis
+        self.micro_batch_size, self.progress = micro_batch_size, progress
+        self.reduce_dim = 1 if axis == "out" else 0
+        self.cross: dict[str, torch.Tensor] = {}
+        self.curvature: dict[str, torch.Tensor] = {}
+
+    def run(self, trials, max_grad_mb: float | None) -> None:
+        by_layer: dict[int, set[str]] = {}
+        for layer, module, _ in trials:
+            by_layer.setdefault(layer, set()).update(self.table.module_names(layer, module))
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        was_training = self.model.training
+        self.model.train()
+        install_label_only_loss(self.model)  # no [tokens x vocab] logits, neither in forward nor in backward
+        try:
+            for group in self._groups(by_layer, max_grad_mb):
+                self._measure_group(group)
+        finally:
+            remove_label_only_loss(self.model)
+            self.model.train(was_training)
+        for layer, module, ratio in trials:
+            gain = damage = 0.0
+            for name in self.table.module_names(layer, module):
+                scores = torch.tensor(self.table.channel_importance[name])
+                top = scores.topk(channel_count(ratio, scores.numel())).indices
+                gain += self.displacement * scores[top].sum().item()
+                if name in self.cross:
+                    damage += (
+                        -self.displacement * self.cross[name][top].sum().item()
+                        + self.displacement**2 / 2 * self.curvature[name][top].sum().item()
+                    )
+            damage = damage if self.data.replay_batches else None
+            steps = len(self.data.train_batches)
+            self.table.rows.append(SensitivityRow(layer, module, ratio, gain, "proxy", steps, "loss", damage))
+
+    def _groups(self, by_layer: dict[int, set[str]], max_grad_mb: float | None) -> list[list[str]]:
+        """Module names in groups of whole layers, top layer first, each holding at most `max_grad_mb` MB of
+        weights (a layer that alone is larger forms its own group)."""
+        groups, current, size = [], [], 0.0
+        for layer in sorted(by_layer, reverse=True):
+            names = sorted(by_layer[layer])
+            layer_mb = sum(self._weight(n).numel() * self._weight(n).element_size() for n in names) / MB
+            if current and max_grad_mb is not None and size + layer_mb > max_grad_mb:
+                groups.append(current)
+                current, size = [], 0.0
+            current += names
+            size += layer_mb
+        return [*groups, current] if current else groups
+
+    def _weight(self, name: str) -> torch.Tensor:
+        return self.model.get_submodule(name).weight
+
+    def _micro_batches(self, batch: dict):
+        rows = batch["input_ids"].shape[0]
+        size = self.micro_batch_size or rows
+        for start in range(0, rows, size):
+            yield {key: value[start : start + size] for key, value in batch.items()}
+
+    def _measure_group(self, names: list[str]) -> None:
+        weights = {name: self._weight(name) for name in names}
+        for weight in weights.values():
+            weight.requires_grad_(True)
+        try:
+            batches = self.data.train_batches
+            for batch in tqdm(batches, desc=f"proxy: {len(names)} modules", disable=not self.progress, leave=False):
+                tokens = labelled_token_count(batch)
+                for micro in self._micro_batches(batch):
+                    # micro-batch sum / the batch's labelled tokens: the micro-batches add up to the batch mean
+                    loss = self.model(**micro, num_items_in_batch=max(tokens, 1)).loss
+                    (loss / len(batches)).backward()
+            directions = {}
+            for name, weight in weights.items():
+                gradient = weight.grad.float()
+                weight.grad = None
+                direction = gradient.sign() if self.optimizer == "adamw" else gradient
+                self.table.channel_importance[name] = (gradient * direction).sum(dim=self.reduce_dim).tolist()
+                directions[name] = direction
+            if self.data.replay_batches:
+                self._replay(weights, directions)
+        finally:
+            for weight in weights.values():
+                weight.requires_grad_(False)
+                weight.grad = None
+
+    def _replay(self, weights: dict[str, torch.Tensor], directions: dict[str, torch.Tensor]) -> None:
+        """Per-channel cross and curvature terms from replay micro-batch gradients, reduced in the gradient hooks
+        so no replay gradient outlives its own backward."""
+        cross = {name: torch.zeros(d.shape[1 - self.reduce_dim]) for name, d in directions.items()}
+        curvature = {name: torch.zeros_like(cross[name]) for name in directions}
+        # one example per backward: F is then the per-example squared gradient, whatever the micro-batch size
+        micro_batches = [
+            {key: value[row : row + 1] for key, value in batch.items()}
+            for batch in self.data.replay_batches
+            for row in range(batch["input_ids"].shape[0])
+        ]
+        handles = []
         for name, weight in weights.items():
-            # squared gradient norm per channel: the first-order loss decrease of an SGD step on that channel
-            table.channel_importance[name] = weight.grad.float().pow(2).sum(dim=1 if axis == "out" else 0).tolist()
-            weight.grad = None
-    finally:
-        model.train(was_training)
-    for layer, module, ratio in trials:
-        gain = 0.0
-        for name in table.module_names(layer, module):
-            scores = torch.tensor(table.channel_importance[name])
-            gain += lr * scores.topk(channel_count(ratio, scores.numel())).values.sum().item()
-        table.rows.append(SensitivityRow(layer, module, ratio, gain, "proxy", len(train_batches), "loss"))
+
+            def reduce(parameter, name=name):
+                gradient, direction = parameter.grad.float(), directions[name]
+                cross[name] += (gradient * direction).sum(dim=self.reduce_dim) / len(micro_batches)
+                curvature[name] += (gradient.square() * direction.square()).sum(dim=self.reduce_dim) / len(
+                    micro_batches
+                )
+                parameter.grad = None
+
+            handles.append(weight.register_post_accumulate_grad_hook(reduce))
+        try:
+            for micro in micro_batches:
+                self.model(**micro).loss.backward()
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.cross.update(cross)
+        self.curvature.update(curvature)
 
 
 def gradient_channel_indices(table: SensitivityTable, scheme: dict[str, float]) -> dict[str, list[int]]:
@@ -305,3 +533,11 @@ def gradient_channel_indices(table: SensitivityTable, scheme: dict[str, float]) 
         scores = torch.tensor(table.channel_importance[name])
         indices[name] = sorted(scores.topk(channel_count(ratio, scores.numel())).indices.tolist())
     return indices
+
+
+def scheme_channel_indices(table: SensitivityTable, scheme: dict[str, float]) -> dict[str, list[int]] | None:
+    """`gradient_channel_indices` where the table ranks the channels of every scheme module (proxy mode), else None
+    (the config's own channel selection applies): the channels the gains were estimated for."""
+    if table.channel_importance and all(name in table.channel_importance for name in scheme):
+        return gradient_channel_indices(table, scheme)
+    return None

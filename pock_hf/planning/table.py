@@ -1,4 +1,5 @@
-"""`SensitivityTable`: how much updating each unit (layer x module x channel ratio) alone improves the task."""
+"""`SensitivityTable`: how much updating each unit (layer x module x channel ratio) alone improves the task, what it
+costs in damage to general answers, and (for the gain model) how much a few whole schemes improved it."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from torch import nn
 
 from ..io.files import atomic_write_text, check_format_version, dataclass_from_json, read_json_object, save_figure
 from ..tuner.fingerprint import check_model_fingerprint, model_fingerprint
+from .gain_model import SchemeMeasurement
 
-TABLE_FORMAT_VERSION = 1
+TABLE_FORMAT_VERSION = 2
 WHOLE_LAYER = "*"
 LLAMA_LAYER_MODULES = (
     "self_attn.q_proj",
@@ -34,7 +36,9 @@ class SensitivityRow:
 
     `module` is the path inside the decoder layer (`"mlp.up_proj"`), or `"*"` for all its linear modules at once.
     `gain` is the improvement of `metric` over the frozen model (loss decrease, or accuracy increase), higher is
-    better; `steps` is the number of fine-tuning steps (measured) or backward passes (proxy) behind it.
+    better; `steps` is the number of fine-tuning steps (measured) or backward passes (proxy) behind it. `damage` is
+    the loss increase (nats per token) on replay data, general answers the model already gives, after tuning the
+    unit alone (measured) or its estimate (proxy); None when no replay data was given.
     """
 
     layer: int
@@ -44,6 +48,7 @@ class SensitivityRow:
     method: str
     steps: int
     metric: str
+    damage: float | None = None
 
 
 @dataclass
@@ -51,8 +56,10 @@ class SensitivityTable:
     """Rows plus what they were measured on.
 
     `layers_name` is the decoder stack's name (`"model.layers"`) and `layer_modules` the linear modules inside a
-    layer, so a unit maps to full module names; `baseline` is the frozen model's metric; `channel_importance` maps
-    full module names to per-output-channel scores (proxy mode), usable as `PockConfig.channel_indices`.
+    layer, so a unit maps to full module names; `baseline` is the frozen model's metric and `replay_baseline` its
+    loss on the replay data (None without); `channel_importance` maps full module names to per-channel scores (proxy
+    mode), usable as `PockConfig.channel_indices`. `schemes` are whole schemes trained for real, the points the gain
+    model is fitted on (`planning.calibration`).
     """
 
     rows: list[SensitivityRow]
@@ -61,8 +68,10 @@ class SensitivityTable:
     layers_name: str = "model.layers"
     layer_modules: tuple[str, ...] = LLAMA_LAYER_MODULES
     baseline: float | None = None
+    replay_baseline: float | None = None
     settings: dict = field(default_factory=dict)
     channel_importance: dict[str, list[float]] = field(default_factory=dict)
+    schemes: list[SchemeMeasurement] = field(default_factory=list)
     format_version: int = TABLE_FORMAT_VERSION
 
     def module_names(self, layer: int, module: str) -> list[str]:
@@ -102,7 +111,7 @@ class SensitivityTable:
         return cls.from_dict(read_json_object(path, "Sensitivity table"), source=os.fspath(path))
 
     def to_csv(self, path: str | os.PathLike) -> Path:
-        """One line per row: layer, module, ratio, gain, method, steps, metric."""
+        """One line per row: layer, module, ratio, gain, method, steps, metric, damage."""
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=list(SensitivityRow.__dataclass_fields__))
         writer.writeheader()

@@ -1,0 +1,138 @@
+"""Measured schemes: train a few whole schemes of increasing size for real, so the planner's gain model can be fitted.
+
+A sensitivity table says what each unit gains alone; what a set of units gains is less than the sum (they overlap).
+`measure_schemes` picks `count` schemes with the additive planner at budgets spread geometrically from the smallest
+feasible one to the ceiling (nested in spirit: each spends more), trains each on the table's own training batches
+for its `steps` AdamW steps, and records the validation gain and the replay damage, each with its standard error
+paired over examples. The table comes back with them in `schemes`; `make_plan` then fits the saturation curve.
+
+Each trial trains one scheme under the ceiling, so it needs no more memory than the training it plans.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+from torch import nn
+from tqdm.auto import tqdm
+
+from .costs import CostProfile
+from .gain_model import SchemeMeasurement
+from .planner import make_plan
+from .sensitivity import (
+    example_losses,
+    paired_difference,
+    prepare_measurement_data,
+    scheme_channel_indices,
+    train_scheme,
+)
+from .table import SensitivityTable
+
+
+def measure_schemes(
+    model: nn.Module,
+    tokenizer,
+    table: SensitivityTable,
+    costs: CostProfile,
+    train_data: Sequence[dict],
+    eval_data: Sequence[dict],
+    replay_data: Sequence[dict] | None = None,
+    *,
+    budget_mb: float | None = None,
+    budget_time_ratio: float | None = None,
+    count: int = 4,
+    axis: str = "out",
+    progress: bool = True,
+) -> SensitivityTable:
+    """A copy of `table` with `count` measured schemes (replacing any it had), for the gain model.
+
+    The data must be what the table was measured on (same rows, and the same replay rows); the training steps,
+    learning rate, batch size, maximum length and seed are the table's own settings. Schemes are the additive plans
+    at `count` budgets from the smallest feasible one up to the ceiling (`budget_mb` MB and/or `budget_time_ratio`
+    of a full step), distinct ones only.
+
+    Raises:
+        ValueError: `count` below 2, no ceiling, data other than the table's (both fingerprints named), a model other
+            than the table's, or the planner's own errors (a ceiling too small for one unit).
+    """
+    if isinstance(count, bool) or not isinstance(count, int) or count < 2:
+        raise ValueError(f"count must be an integer >= 2 (a curve needs two points), got {count!r}.")
+    table.check_model(model)
+    settings = table.settings
+    data = prepare_measurement_data(
+        tokenizer,
+        train_data,
+        eval_data,
+        replay_data,
+        batch_size=settings["batch_size"],
+        steps=settings["steps"],
+        max_length=settings["max_length"],
+        seed=settings["seed"],
+    )
+    if data.fingerprint != table.data_fingerprint:
+        raise ValueError(
+            f"The data (fingerprint {data.fingerprint}) is not what the table was measured on "
+            f"({table.data_fingerprint}): pass the same training, validation and replay rows."
+        )
+    plans = _additive_plans(table, costs, budget_mb, budget_time_ratio, count, axis)
+    eval_before, eval_counts = example_losses(model, data.eval_batches)
+    replay_before, replay_counts = example_losses(model, data.replay_batches) if data.replay_batches else (None, None)
+    measurements = []
+    for plan in tqdm(plans, desc="measuring schemes", unit="scheme", disable=not progress):
+        config = plan.to_config(channel_indices=scheme_channel_indices(table, plan.scheme))
+        wrapped = train_scheme(model, config, data.train_batches, settings["lr"], settings["seed"])
+        try:
+            gain, gain_se = paired_difference(eval_before, example_losses(wrapped, data.eval_batches)[0], eval_counts)
+            damage = damage_se = None
+            if replay_before is not None:
+                after = example_losses(wrapped, data.replay_batches)[0]
+                improvement, damage_se = paired_difference(replay_before, after, replay_counts)
+                damage = -improvement
+        finally:
+            wrapped.unload()
+        measurements.append(
+            SchemeMeasurement(
+                units=list(plan.units),
+                gain=gain,
+                gain_se=gain_se,
+                damage=damage,
+                damage_se=damage_se,
+                steps=len(data.train_batches),
+                memory_mb=plan.predicted_memory_mb,
+            )
+        )
+    return dataclasses.replace(table, schemes=measurements)
+
+
+def _additive_plans(table, costs, budget_mb, budget_time_ratio, count, axis) -> list:
+    """The additive planner's schemes at `count` geometric budgets from the smallest feasible one (the ceiling plan's
+    cheapest rung) up to the ceiling: distinct ones, cheapest first."""
+    bare = dataclasses.replace(table, schemes=[])
+    ceiling = make_plan(
+        bare, costs, budget_mb=budget_mb, budget_time_ratio=budget_time_ratio, axis=axis, spend="budget"
+    )
+    cheapest = ceiling.ladder[0]
+    needs = []
+    if budget_mb is not None:
+        needs.append(cheapest.memory_mb / budget_mb)
+    if budget_time_ratio is not None:
+        needs.append(cheapest.step_s / (budget_time_ratio * costs.full_step_s))
+    plans, seen = [], set()
+    for scale in np.geomspace(min(max(needs), 1.0), 1.0, count):
+        plan = ceiling
+        if scale < 1:
+            plan = make_plan(
+                bare,
+                costs,
+                budget_mb=None if budget_mb is None else budget_mb * float(scale),
+                budget_time_ratio=None if budget_time_ratio is None else budget_time_ratio * float(scale),
+                axis=axis,
+                spend="budget",
+            )
+        key = tuple(sorted(plan.units))
+        if key not in seen:
+            seen.add(key)
+            plans.append(plan)
+    return plans

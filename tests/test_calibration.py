@@ -1,0 +1,101 @@
+"""Measured schemes: real gains (with paired standard errors) of the additive plans at growing budgets, on exactly
+the table's data, feeding the planner's gain model."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from pock_hf.planning.calibration import measure_schemes
+from pock_hf.planning.costs import profile_costs
+from pock_hf.planning.planner import make_plan
+from pock_hf.planning.sensitivity import (
+    evaluate_loss,
+    example_losses,
+    measure_sensitivity,
+    paired_difference,
+    prepare_measurement_data,
+    scheme_channel_indices,
+    train_scheme,
+)
+
+from .test_sensitivity import examples
+from .tiny import tiny_llama
+
+SETTINGS = {"ratios": (0.5, 1.0), "steps": 4, "lr": 1e-2, "batch_size": 2, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_llama()
+    train, evaluation, replay = examples(range(3)), examples(range(3, 5)), examples(range(5, 6))
+    table = measure_sensitivity(model, None, train, evaluation, replay_data=replay, method="proxy", **SETTINGS)
+    costs = profile_costs(model, batch_size=2, seq_len=12, progress=False)
+    return model, table, costs, (train, evaluation, replay)
+
+
+def test_schemes_grow_within_the_ceiling_and_their_gains_are_real(setup):
+    model, table, costs, (train, evaluation, replay) = setup
+    ceiling = costs.base_memory_mb(0) + 0.5
+    calibrated = measure_schemes(model, None, table, costs, train, evaluation, replay, budget_mb=ceiling, count=3)
+    schemes = calibrated.schemes
+    assert 2 <= len(schemes) <= 3 and table.schemes == []  # the input table is left as it was
+    memories = [s.memory_mb for s in schemes]
+    assert memories == sorted(memories) and memories[-1] <= ceiling
+    assert len({tuple(sorted(s.units)) for s in schemes}) == len(schemes)
+    assert len(schemes[0].units) < len(schemes[-1].units)
+    # the last scheme's gain and damage, recomputed by hand
+    data = prepare_measurement_data(None, train, evaluation, replay, batch_size=2, steps=4, max_length=256, seed=0)
+    last = schemes[-1]
+    scheme = {name: r for layer, module, r in last.units for name in table.module_names(layer, module)}
+    plan_config = make_plan(dataclasses.replace(table, schemes=[]), costs, budget_mb=ceiling, spend="budget")
+    assert plan_config.scheme == scheme
+    wrapped = train_scheme(
+        model,
+        plan_config.to_config(channel_indices=scheme_channel_indices(table, scheme)),
+        data.train_batches,
+        1e-2,
+        seed=0,
+    )
+    try:
+        after_eval, after_replay = (
+            evaluate_loss(wrapped, data.eval_batches),
+            evaluate_loss(wrapped, data.replay_batches),
+        )
+    finally:
+        wrapped.unload()
+    assert last.gain == pytest.approx(table.baseline - after_eval, abs=1e-5)
+    assert last.damage == pytest.approx(after_replay - table.replay_baseline, abs=1e-5)
+    assert last.gain_se > 0 and last.damage_se > 0 and last.steps == 4
+    plan = make_plan(calibrated, costs, budget_mb=ceiling)
+    assert plan.gain_model is not None and plan.gain_model.points == len(schemes)
+
+
+def test_paired_standard_error_is_that_of_the_per_token_mean():
+    before = np.array([10.0, 20.0, 30.0, 40.0])
+    after = np.array([9.0, 18.0, 29.0, 36.0])
+    counts = np.array([10.0, 10.0, 10.0, 10.0])
+    mean, se = paired_difference(before, after, counts)
+    per_example = (before - after) / counts
+    assert mean == pytest.approx(per_example.mean())
+    assert se == pytest.approx(per_example.std(ddof=1) / np.sqrt(4))
+
+
+def test_other_data_or_too_few_schemes_are_refused(setup):
+    model, table, costs, (train, evaluation, replay) = setup
+    ceiling = costs.base_memory_mb(0) + 0.5
+    with pytest.raises(ValueError, match="not what the table was measured on"):
+        measure_schemes(model, None, table, costs, train, evaluation, None, budget_mb=ceiling)
+    with pytest.raises(ValueError, match="count must be an integer >= 2"):
+        measure_schemes(model, None, table, costs, train, evaluation, replay, budget_mb=ceiling, count=1)
+    with pytest.raises(ValueError, match="fingerprint"):
+        measure_schemes(tiny_llama(hidden_size=48), None, table, costs, train, evaluation, replay, budget_mb=ceiling)
+
+
+def test_example_losses_leave_no_gradient_state(setup):
+    model, _, _, (train, _, _) = setup
+    data = prepare_measurement_data(None, train, train, batch_size=2, steps=1, max_length=256, seed=0)
+    sums, counts = example_losses(model, data.eval_batches)
+    assert len(sums) == len(train) and all(p.grad is None for p in model.parameters())
