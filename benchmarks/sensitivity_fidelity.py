@@ -1,44 +1,34 @@
-"""Sensitivity fidelity on SmolLM2-135M-Instruct with the BoolQ + ARC-Easy train splits.
+"""Does the sensitivity model predict what training does? Two checks per data set, on SmolLM2-135M-Instruct.
 
-    python benchmarks/sensitivity_fidelity.py --output runs/fidelity          # ~35 min on a 2-core CPU
+    python benchmarks/sensitivity_fidelity.py --output runs/fidelity              # ~1 h on a 2-core CPU
+    python benchmarks/sensitivity_fidelity.py --sets personal:tomasz --output runs/fidelity_tomasz
 
-1. Measures a layer-granularity table in measured mode (fine-tune each layer at one ratio, validation loss) and in
-   proxy mode (first-order, a few backward passes), timing both, and reports their Spearman rank correlation.
-2. Profiles this device's costs and, for each depth k in `--depths`, plans a scheme from the measured table at the
-   predicted memory of the hand-made "last k layers" scheme. Every distinct scheme is trained for the same steps on
-   the same data; its measured gain (frozen validation loss minus the loss after training) is set against the
-   planner's predicted gain (the sum of its units' table gains): their Spearman correlation says whether the additive
-   model ranks schemes the way training does. Where a plan differs from the last k layers, those are trained too.
+1. The proxy against measured mode. A layer-granularity table is measured for real (every layer alone, `--steps`
+   AdamW steps, validation loss) and estimated by the proxy for AdamW (steps x lr x sum |g|) and for SGD
+   (steps x lr x sum g^2, the estimate the planner used before); Spearman rank correlation of each against measured.
+2. The gain model against trained schemes. A module-granularity proxy table with replay damage, this device's cost
+   profile, and `--calibration` measured schemes under the ceiling (what `pock sensitivity`/the recipe do); then
+   `--schemes` plans at budgets spread geometrically over `--span` x (from the smallest feasible budget), each trained
+   for the same steps on the same data. Spearman of the predicted gain (saturation curve) and of the additive score
+   against the measured gain, and how many measured gains fall inside the predicted 95% interval.
 
-Tables, heatmaps and the cost profile are cached in `--output` (delete them to measure again); results go to
-`fidelity.json`, `fidelity.md` and `fidelity.png` (predicted against measured gain) there. Numbers are measurements
-of this machine, not targets.
+Data sets (`--sets`): `personal[:profile]` (the generated personalisation data; validation = the held-out phrasings),
+`alpaca` (rows of `--data-dir`/instruct/alpaca_5000.json; validation = later rows). Replay data: the base model's
+replies to everyday probe prompts. Tables and profiles are cached per set in `--output` (delete to measure again);
+results go to `fidelity.json`, `fidelity.md` and `fidelity.png`. Numbers are measurements of this machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import random
 import time
 from pathlib import Path
 
 import numpy as np
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def commonsense_rows(data_dir: Path, per_set: int, eval_per_set: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """Training and validation rows from the BoolQ and ARC-Easy train splits (validation rows are held out)."""
-    from pock_hf.data import load_instruction_rows
-
-    train, evaluation = [], []
-    for name in ("boolq", "arc_easy"):
-        rows = load_instruction_rows(data_dir / "commonsense" / name / "train.json")
-        train += rows[:per_set]
-        evaluation += rows[per_set : per_set + eval_per_set]
-    random.Random(seed).shuffle(train)
-    return train, evaluation
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -58,31 +48,142 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
 
 
-def cached_table(path: Path, measure):
+def data_set(name: str, args, model, tokenizer) -> tuple[list[dict], list[dict], list[dict]]:
+    """(training, validation, replay) rows of a named set."""
+    from pock_hf.data import load_instruction_rows, make_personal_dataset
+    from pock_hf.data.personal import PROBE_PROMPTS, replay_rows
+    from pock_hf.demo import generate_replies
+
+    replay = replay_rows(generate_replies(model, tokenizer, list(PROBE_PROMPTS)), PROBE_PROMPTS)
+    kind, _, profile = name.partition(":")
+    if kind == "personal":
+        data = make_personal_dataset(seed=args.seed, profile=profile or None)
+        return data.train, [{k: r[k] for k in ("instruction", "input", "output")} for r in data.heldout], replay
+    if kind == "alpaca":
+        rows = load_instruction_rows(args.data_dir / "instruct" / "alpaca_5000.json")
+        return rows[: args.train_rows], rows[args.train_rows : args.train_rows + args.eval_rows], replay
+    raise ValueError(f"unknown data set {name!r}: personal[:profile] or alpaca")
+
+
+def cached(path: Path, make, load):
+    if path.exists():
+        return load(path)
+    started = time.perf_counter()
+    value = make()
+    if hasattr(value, "settings"):
+        value.settings["seconds"] = time.perf_counter() - started
+    value.to_json(path)
+    return value
+
+
+def proxy_fidelity(name: str, rows, args, model, tokenizer, folder: Path) -> dict:
+    """Spearman of the AdamW and SGD proxies against measured mode, layer units at one ratio."""
+    from pock_hf.planning.sensitivity import measure_sensitivity
     from pock_hf.planning.table import SensitivityTable
 
-    if path.exists():
-        return SensitivityTable.from_json(path)
-    started = time.perf_counter()
-    table = measure()
-    table.settings["seconds"] = time.perf_counter() - started
-    table.to_json(path)
-    table.plot_heatmap(path.with_suffix(".png"), title=f"{table.settings['method']} sensitivity")
-    return table
+    train, evaluation, _ = rows
+    common = {"ratios": (args.ratio,), "granularity": "layer", "steps": args.steps, "lr": args.lr,
+              "batch_size": args.batch_size, "max_length": args.max_length, "seed": args.seed}  # fmt: skip
+    tables = {}
+    for label, method, optimizer in (("measured", "measured", "adamw"), ("adamw", "proxy", "adamw"),
+                                     ("sgd", "proxy", "sgd")):  # fmt: skip
+        tables[label] = cached(
+            folder / f"layers_{label}.json",
+            lambda method=method, optimizer=optimizer: measure_sensitivity(
+                model, tokenizer, train, evaluation, method=method, proxy_optimizer=optimizer, **common
+            ),
+            SensitivityTable.from_json,
+        )
+        tables[label].plot_heatmap(folder / f"layers_{label}.png", title=f"{name}: {label}")
+    measured = [row.gain for row in tables["measured"].rows]
+    return {
+        "units": len(measured),
+        "measured_seconds": tables["measured"].settings.get("seconds"),
+        "proxy_seconds": tables["adamw"].settings.get("seconds"),
+        "spearman_adamw": spearman(measured, [row.gain for row in tables["adamw"].rows]),
+        "spearman_sgd": spearman(measured, [row.gain for row in tables["sgd"].rows]),
+    }
 
 
-def layer_span(layers: list[int]) -> str:
-    """`"22-29"` for a contiguous run of layers, else the list."""
-    return f"{layers[0]}-{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else str(layers)
+def gain_model_fidelity(rows, args, model, tokenizer, folder: Path) -> dict:
+    """Predicted against measured gain of plans at budgets spanning `--span` x, after measured calibration."""
+    from pock_hf.planning.calibration import measure_schemes
+    from pock_hf.planning.costs import CostProfile, profile_costs
+    from pock_hf.planning.planner import make_plan
+    from pock_hf.planning.sensitivity import (
+        example_losses,
+        measure_sensitivity,
+        paired_difference,
+        prepare_measurement_data,
+        scheme_channel_indices,
+        train_scheme,
+    )
+    from pock_hf.planning.table import SensitivityTable
+
+    train, evaluation, replay = rows
+    settings = {"ratios": tuple(args.module_ratios), "steps": args.steps, "lr": args.lr,
+                "batch_size": args.batch_size, "max_length": args.max_length, "seed": args.seed}  # fmt: skip
+    table = cached(
+        folder / "modules_proxy.json",
+        lambda: measure_sensitivity(
+            model, tokenizer, train, evaluation, replay_data=replay, method="proxy", **settings
+        ),
+        SensitivityTable.from_json,
+    )
+    costs = cached(
+        folder / "costs.json",
+        lambda: profile_costs(model, batch_size=args.batch_size, seq_len=args.max_length // 2, repeats=1),
+        CostProfile.from_json,
+    )
+    bare = dataclasses.replace(table, schemes=[])
+    smallest = make_plan(bare, costs, budget_mb=1e9, spend="budget").ladder[0].memory_mb
+    ceiling = smallest * args.span
+    calibrated = cached(
+        folder / "modules_calibrated.json",
+        lambda: measure_schemes(
+            model, tokenizer, table, costs, train, evaluation, replay, budget_mb=ceiling, count=args.calibration
+        ),
+        SensitivityTable.from_json,
+    )
+    data = prepare_measurement_data(tokenizer, train, evaluation, replay, **{
+        k: settings[k] for k in ("batch_size", "steps", "max_length", "seed")})  # fmt: skip
+    before, counts = example_losses(model, data.eval_batches)
+    # budgets between the calibration's, so no evaluated scheme is a fitted point by construction
+    budgets = np.geomspace(smallest, ceiling, args.schemes + 2)[1:-1] * (ceiling / smallest) ** (0.5 / args.schemes)
+    schemes, seen = [], set()
+    for budget in budgets:
+        plan = make_plan(calibrated, costs, budget_mb=float(min(budget, ceiling)), spend="budget")
+        key = tuple(sorted(plan.units))
+        if key in seen:
+            continue
+        seen.add(key)
+        config = plan.to_config(channel_indices=scheme_channel_indices(table, plan.scheme))
+        wrapped = train_scheme(model, config, data.train_batches, args.lr, args.seed)
+        try:
+            gain, se = paired_difference(before, example_losses(wrapped, data.eval_batches)[0], counts)
+        finally:
+            wrapped.unload()
+        low, high = plan.predicted_gain_interval
+        schemes.append({"budget_mb": float(budget), "memory_mb": plan.predicted_memory_mb, "units": len(plan.units),
+                        "cut": plan.cut_layer, "additive": plan.additive_gain, "predicted": plan.predicted_gain,
+                        "interval": [low, high], "measured": gain, "measured_se": se})  # fmt: skip
+    measured = [s["measured"] for s in schemes]
+    variable = [s["memory_mb"] - costs.base_memory_mb(costs.num_layers - 1) for s in schemes]
+    return {
+        "calibration": [dataclasses.asdict(s) for s in calibrated.schemes],
+        "gain_model": dataclasses.asdict(make_plan(calibrated, costs, budget_mb=ceiling).gain_model),
+        "ceiling_mb": ceiling,
+        "schemes": schemes,
+        "span_total": max(s["memory_mb"] for s in schemes) / min(s["memory_mb"] for s in schemes),
+        "span_above_top_step": max(variable) / max(min(variable), 1e-9),
+        "spearman_predicted": spearman([s["predicted"] for s in schemes], measured),
+        "spearman_additive": spearman([s["additive"] for s in schemes], measured),
+        "inside_interval": sum(s["interval"][0] <= s["measured"] <= s["interval"][1] for s in schemes),
+    }
 
 
-def distinct_schemes(rows: list[dict]) -> list[dict]:
-    """One row per distinct scheme (a plan can equal its last-k scheme, or another budget's plan)."""
-    return list({tuple(row["layers"]): row for row in rows}.values())
-
-
-def plot(rows: list[dict], baseline: float, path: Path) -> None:
-    """Measured against predicted gain, on an axis from zero to the largest possible gain (the frozen loss)."""
+def plot(sets: dict, path: Path) -> None:
+    """Per set: measured gain (with its 95% interval) against memory, and the predicted curve with its interval."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -90,48 +191,61 @@ def plot(rows: list[dict], baseline: float, path: Path) -> None:
 
     from pock_hf.io.files import save_figure
 
-    figure, axes = plt.subplots(figsize=(6, 4))
-    for row in rows:
-        point = (row["predicted_gain"], row["measured_gain"])
-        axes.scatter(*point, color="tab:green" if row["planned"] else "tab:grey")
-        axes.annotate(layer_span(row["layers"]), point, fontsize=7, xytext=(-8, -12), textcoords="offset points")
-    axes.axhline(baseline, color="tab:red", linestyle="--", linewidth=1, label="frozen loss (largest possible gain)")
-    axes.set_ylim(0, baseline * 1.1)
-    axes.legend(loc="lower right", fontsize=8)
-    axes.set(xlabel="predicted gain (sum of table gains); labels: updated layers",
-             ylabel="measured gain (validation loss drop)",
-             title="Planned schemes: predicted vs measured gain")  # fmt: skip
-    axes.grid(alpha=0.3)
+    figure, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4), squeeze=False)
+    for ax, (name, result) in zip(axes[0], sets.items()):
+        schemes = result["gain_model"]["schemes"]
+        memory = [s["memory_mb"] for s in schemes]
+        ax.errorbar(memory, [s["measured"] for s in schemes], yerr=[1.96 * s["measured_se"] for s in schemes],
+                    fmt="o", label="measured (trained)")  # fmt: skip
+        ax.plot(memory, [s["predicted"] for s in schemes], "s-", label="predicted (saturation curve)")
+        ax.fill_between(memory, [s["interval"][0] for s in schemes], [s["interval"][1] for s in schemes], alpha=0.15)
+        calibration = result["gain_model"]["calibration"]
+        ax.plot([c["memory_mb"] for c in calibration], [c["gain"] for c in calibration], "x", color="black",
+                label="calibration schemes")  # fmt: skip
+        ax.set(title=f"{name}: Spearman {result['gain_model']['spearman_predicted']:.2f}", xlabel="memory (MB)",
+               ylabel="validation loss decrease")  # fmt: skip
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     save_figure(figure, path)
 
 
-def write_report(result: dict, output: Path) -> str:
+def write_report(results: dict, output: Path) -> str:
     """fidelity.json, fidelity.md and fidelity.png in `output`; returns the Markdown."""
     from pock_hf.io.files import atomic_write_text
 
-    settings, rows = result["settings"], result["schemes"]
+    sets = results["sets"]
     lines = [
-        f"Measured mode: {result['units']} layer units x 1 ratio ({settings['ratio']}), {settings['steps']} steps "
-        f"each: {result['measured_seconds']:.0f} s. Proxy mode: {result['proxy_seconds']:.0f} s. Spearman rank "
-        f"correlation proxy vs measured: {result['spearman_measured_vs_proxy']:.2f}. Predicted vs measured gain over "
-        f"the {len(distinct_schemes(rows))} distinct schemes below: "
-        f"{result['spearman_predicted_vs_measured_gain']:.2f}.",
-        "",
-        f"| budget (MB) | scheme | layers | predicted memory (MB) | predicted gain | measured gain after "
-        f"{settings['compare_steps']} steps (frozen loss {result['baseline_loss']:.4f}) |",
-        "|---|---|---|---|---|---|",
+        "| data set | units | Spearman AdamW proxy vs measured | SGD proxy vs measured | measured / proxy time (s) |",
+        "|---|---:|---:|---:|---|",
     ]
-    for row in rows:
-        kind = "planned" if row["planned"] else f"last {row['k']} by hand"
-        cells = [f"{row['budget_mb']:.0f}", kind, layer_span(row["layers"]), f"{row['predicted_memory_mb']:.0f}",
-                 f"{row['predicted_gain']:.3f}", f"{row['measured_gain']:.3f}"]  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
-    if all(row["planned"] for row in rows):
-        lines += ["", "Every plan is the last k layers at its budget."]
+    for name, result in sets.items():
+        proxy = result["proxy"]
+        lines.append(f"| {name} | {proxy['units']} | {proxy['spearman_adamw']:.2f} | {proxy['spearman_sgd']:.2f} | "
+                     f"{proxy['measured_seconds'] or 0:.0f} / {proxy['proxy_seconds'] or 0:.0f} |")  # fmt: skip
+    lines += [
+        "",
+        (
+            "| data set | schemes | memory span (total / above the top step) | Spearman predicted vs measured | "
+            "additive vs measured | measured inside the 95% interval |"
+        ),
+        "|---|---:|---|---:|---:|---:|",
+    ]
+    for name, result in sets.items():
+        model = result["gain_model"]
+        lines.append(f"| {name} | {len(model['schemes'])} | {model['span_total']:.1f}x / "
+                     f"{model['span_above_top_step']:.1f}x | {model['spearman_predicted']:.2f} | "
+                     f"{model['spearman_additive']:.2f} | {model['inside_interval']} of {len(model['schemes'])} |")  # fmt: skip
+    for name, result in sets.items():
+        lines += ["", f"{name}: schemes (memory MB, units, cut, additive score, predicted [95%], measured ± SE)", ""]
+        lines += ["| memory | units | cut | additive | predicted | measured |", "|---:|---:|---:|---:|---|---|"]
+        for s in result["gain_model"]["schemes"]:
+            lines.append(f"| {s['memory_mb']:.0f} | {s['units']} | {s['cut']} | {s['additive']:.3g} | "
+                         f"{s['predicted']:.3f} [{s['interval'][0]:.3f}, {s['interval'][1]:.3f}] | "
+                         f"{s['measured']:.3f} ± {s['measured_se']:.3f} |")  # fmt: skip
     markdown = "\n".join(lines) + "\n"
-    atomic_write_text(output / "fidelity.json", json.dumps(result, indent=2))
+    atomic_write_text(output / "fidelity.json", json.dumps(results, indent=2))
     atomic_write_text(output / "fidelity.md", markdown)
-    plot(rows, result["baseline_loss"], output / "fidelity.png")
+    plot(sets, output / "fidelity.png")
     return markdown
 
 
@@ -140,105 +254,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default=None, help="hub id or local path; default: embedded SmolLM2-135M-Instruct")
     parser.add_argument("--data-dir", type=Path, default=SHARED_DATA)
     parser.add_argument("--output", type=Path, default=Path("runs/fidelity"))
-    parser.add_argument("--per-set", type=int, default=240, help="training rows from each of BoolQ and ARC-Easy")
-    parser.add_argument("--eval-per-set", type=int, default=24, help="held-out validation rows from each")
-    parser.add_argument("--ratio", type=float, default=0.25)
-    parser.add_argument("--steps", type=int, default=8, help="steps per unit (measured) / backward passes (proxy)")
+    parser.add_argument("--sets", nargs="+", default=["personal", "alpaca"])
+    parser.add_argument("--train-rows", type=int, default=400, help="alpaca: training rows")
+    parser.add_argument("--eval-rows", type=int, default=48, help="alpaca: validation rows after them")
+    parser.add_argument("--ratio", type=float, default=0.25, help="ratio of the layer units (check 1)")
+    parser.add_argument("--module-ratios", type=float, nargs="+", default=[0.25, 1.0], help="ratios (check 2)")
+    parser.add_argument("--steps", type=int, default=8, help="training steps (measured, schemes) / proxy passes")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--depths", type=int, nargs="+", default=[2, 4, 8, 12, 18],
-                        help="one memory budget per depth k: that of updating the last k layers")  # fmt: skip
-    parser.add_argument("--compare-steps", type=int, default=40)
+    parser.add_argument("--calibration", type=int, default=4, help="measured schemes the gain model is fitted on")
+    parser.add_argument("--schemes", type=int, default=8, help="plans to train and compare")
+    parser.add_argument("--span", type=float, default=4.5, help="ceiling / smallest feasible budget")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--report-only", action="store_true", help="redraw the table and plot from fidelity.json")
+    parser.add_argument("--report-only", action="store_true", help="redraw the tables and plot from fidelity.json")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from pock_hf import PockConfig
-    from pock_hf.data import InstructionCollator, tokenize_rows
     from pock_hf.data.default_model import load_model_and_tokenizer
-    from pock_hf.planning.costs import CostProfile, profile_costs
-    from pock_hf.planning.planner import make_plan
-    from pock_hf.planning.sensitivity import evaluate_loss, fixed_batches, measure_sensitivity, train_scheme
 
     args = parse_args(argv)
     args.output.mkdir(parents=True, exist_ok=True)
     if args.report_only:
-        result = json.loads((args.output / "fidelity.json").read_text())
-        print(write_report(result, args.output))
-        return result
+        results = json.loads((args.output / "fidelity.json").read_text())
+        print(write_report(results, args.output))
+        return results
     model, tokenizer = load_model_and_tokenizer(args.model)
-    train_rows, eval_rows = commonsense_rows(args.data_dir, args.per_set, args.eval_per_set, args.seed)
-    train, _ = tokenize_rows(train_rows, tokenizer, max_length=args.max_length)
-    evaluation, _ = tokenize_rows(eval_rows, tokenizer, max_length=args.max_length)
-    common = {"ratios": (args.ratio,), "granularity": "layer", "steps": args.steps, "lr": args.lr,
-              "batch_size": args.batch_size, "seed": args.seed}  # fmt: skip
-    tables = {
-        method: cached_table(
-            args.output / f"{method}.json",
-            lambda method=method: measure_sensitivity(model, tokenizer, train, evaluation, method=method, **common),
-        )
-        for method in ("measured", "proxy")
-    }
-    table = tables["measured"]
-    measured = {row.layer: row.gain for row in table.rows}
-    proxy = {row.layer: row.gain for row in tables["proxy"].rows}
-    layers = sorted(measured)
-    rho_tables = spearman([measured[i] for i in layers], [proxy[i] for i in layers])
-
-    costs_path = args.output / "costs.json"
-    if costs_path.exists():
-        costs = CostProfile.from_json(costs_path)
-    else:
-        costs = profile_costs(model, batch_size=args.batch_size, seq_len=args.max_length // 2)
-        costs.to_json(costs_path)
-
-    collate = InstructionCollator(pad_token_id=tokenizer.pad_token_id)
-    train_batches = fixed_batches(train, collate, args.batch_size, args.compare_steps, args.seed)
-    eval_batches = [collate(evaluation[i : i + args.batch_size]) for i in range(0, len(evaluation), args.batch_size)]
-    trained: dict[tuple, float] = {}  # scheme (sorted items) -> validation loss, so no scheme trains twice
-
-    def measured_gain(scheme: dict) -> float:
-        key = tuple(sorted(scheme.items()))
-        if key not in trained:
-            wrapped = train_scheme(model, PockConfig(scheme=scheme), train_batches, args.lr, args.seed)
-            trained[key] = evaluate_loss(wrapped, eval_batches)
-            wrapped.unload()
-        return table.baseline - trained[key]
-
-    rows = []
-    for k in sorted({min(k, costs.num_layers) for k in args.depths}):
-        last_k = list(range(costs.num_layers - k, costs.num_layers))
-        last_k_scheme = {name: args.ratio for layer in last_k for name in table.module_names(layer, "*")}
-        last_k_mb = costs.base_memory_mb(last_k[0]) + k * costs.unit_memory_mb("*", args.ratio)
-        # The planner rounds unit costs up on a 1 MB grid (so a plan always fits); 1% of slack keeps the hand-made
-        # scheme, which fills its own budget exactly, within the planner's reach.
-        plan = make_plan(table, costs, budget_mb=last_k_mb * 1.01, spend="budget")
-        plan_layers = sorted({unit[0] for unit in plan.units})
-        candidates = [(True, plan.scheme, plan_layers, plan.predicted_gain, plan.predicted_memory_mb)]
-        if plan.scheme != last_k_scheme:
-            candidates.append((False, last_k_scheme, last_k, sum(measured[layer] for layer in last_k), last_k_mb))
-        for planned, scheme, scheme_layers, predicted, memory in candidates:
-            rows.append({"budget_mb": last_k_mb * 1.01, "k": k, "planned": planned, "layers": scheme_layers,
-                         "predicted_memory_mb": memory, "predicted_gain": predicted,
-                         "measured_gain": measured_gain(scheme)})  # fmt: skip
-    distinct = distinct_schemes(rows)
-    result = {
-        "settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
-        "measured_seconds": table.settings["seconds"],
-        "proxy_seconds": tables["proxy"].settings["seconds"],
-        "units": len(layers),
-        "baseline_loss": table.baseline,
-        "spearman_measured_vs_proxy": rho_tables,
-        "spearman_predicted_vs_measured_gain": spearman(
-            [row["predicted_gain"] for row in distinct], [row["measured_gain"] for row in distinct]
-        ),
-        "schemes": rows,
-    }
-    print(write_report(result, args.output))
-    return result
+    results = {}
+    for name in args.sets:
+        folder = args.output / name.replace(":", "_")
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = data_set(name, args, model, tokenizer)
+        results[name] = {
+            "proxy": proxy_fidelity(name, rows, args, model, tokenizer, folder),
+            "gain_model": gain_model_fidelity(rows, args, model, tokenizer, folder),
+        }
+    results = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "sets": results}
+    print(write_report(results, args.output))
+    return results
 
 
 if __name__ == "__main__":

@@ -141,7 +141,8 @@ def model_and_batches(args, device: torch.device):
 def run_one(args) -> dict:
     """Time one setup in this process; returns its row."""
     from pock_hf import PrefixCache
-    from pock_hf.engine.training import make_optimizer, peak_memory_mb, training_step
+    from pock_hf.engine.memory import peak_memory_mb
+    from pock_hf.engine.training import make_optimizer, training_step
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)

@@ -45,8 +45,9 @@ from pock_hf.data.personal import (
     write_personal_dataset,
 )
 from pock_hf.demo import evaluate_personal, generate_replies, plot_losses, summary_table
+from pock_hf.engine.memory import current_memory_mb, peak_memory_mb
 from pock_hf.engine.optim_in_backward import OptimizerInBackward
-from pock_hf.engine.training import make_optimizer, peak_memory_mb, set_learning_rate, training_step
+from pock_hf.engine.training import make_optimizer, set_learning_rate, training_step
 from pock_hf.io.checkpoint import latest_checkpoint, load_checkpoint, restore_trainable, save_checkpoint, set_rng_state
 from pock_hf.io.files import atomic_write_text, read_json_object
 from pock_hf.planning.calibration import measure_schemes
@@ -271,6 +272,7 @@ def profile_device(config: RecipeConfig, model, batch: int, seq_len: int) -> Cos
         depths=depths,
         repeats=1,
         measure_full=config.budget.time_ratio is not None,
+        budget_mb=budget_mb(config),
     )
 
 
@@ -648,12 +650,27 @@ class FinetuneRecipe:
             seed=self.config.train.seed,
             proxy_optimizer=pock.proxy_optimizer,
             micro_batch_size=pock.measure_micro_batch,
+            max_grad_mb=self.gradient_allowance_mb(),
             progress=self.is_main,
         )
         if self.is_main:
             table.to_json(self.output / "sensitivity.json")
             table.plot_heatmap(self.output / "sensitivity.png", title=f"{pock.measure} sensitivity")
         return table
+
+    def gradient_allowance_mb(self) -> float | None:
+        """Weight gradients the proxy may hold at once under the memory budget: half of what the process has left
+        (the other half for activations and the allocator's slack); None without a budget."""
+        budget = budget_mb(self.config)
+        if budget is None:
+            return None
+        spare = budget - current_memory_mb(self.accelerator.device)
+        if spare <= 0:
+            raise RecipeConfigError(
+                f"The model alone holds {budget - spare:.0f} MB of process memory, over the {budget:.0f} MB budget: "
+                "raise budget.memory_mb or train on a bigger device."
+            )
+        return spare / 2
 
     # --- train ---------------------------------------------------------------------------------------------------
 

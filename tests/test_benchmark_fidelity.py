@@ -1,5 +1,5 @@
-"""Smoke test of benchmarks/sensitivity_fidelity.py on a tiny model and tiny commonsense-shaped data, plus its rank
-correlation against a reference formula."""
+"""Smoke test of benchmarks/sensitivity_fidelity.py on a tiny model (personal data and an Alpaca-shaped file), plus
+its rank correlation against a reference formula."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from .tiny import load_benchmark, save_tiny_checkpoint, write_commonsense
+from .tiny import load_benchmark, save_tiny_checkpoint
 
 
 def test_spearman_matches_pearson_of_ranks_with_ties():
@@ -23,29 +23,29 @@ def test_spearman_matches_pearson_of_ranks_with_ties():
 
 def test_fidelity_benchmark_end_to_end(tmp_path):
     fidelity = load_benchmark("sensitivity_fidelity")
-    write_commonsense(tmp_path / "data", rows=20)
+    rows = [{"instruction": f"Say {i}.", "input": "", "output": f"{i} {i * 7} {i * 13}"} for i in range(40)]
+    (tmp_path / "data" / "instruct").mkdir(parents=True)
+    (tmp_path / "data" / "instruct" / "alpaca_5000.json").write_text(json.dumps(rows))
     out = tmp_path / "out"
     argv = ["--model", str(save_tiny_checkpoint(tmp_path / "tiny")), "--data-dir", str(tmp_path / "data")]
-    argv += ["--per-set", "12", "--eval-per-set", "4", "--steps", "1", "--batch-size", "4", "--depths", "1", "2", "9"]
-    argv += ["--compare-steps", "2", "--output", str(out)]
+    argv += ["--sets", "personal:tomasz", "alpaca", "--train-rows", "24", "--eval-rows", "8", "--steps", "2"]
+    argv += ["--batch-size", "4", "--max-length", "96", "--calibration", "2", "--schemes", "3", "--output", str(out)]
     result = fidelity.main(argv)
-    assert result["units"] == 4 and -1.0 <= result["spearman_measured_vs_proxy"] <= 1.0
-    planned = [row for row in result["schemes"] if row["planned"]]
-    assert [row["k"] for row in planned] == [1, 2, 4]  # depth 9 is clipped to the model's 4 layers
-    gains = {row["layer"]: row["gain"] for row in json.loads((out / "measured.json").read_text())["rows"]}
-    for row in result["schemes"]:  # the additive model: a scheme's predicted gain is the sum of its layers' gains
-        assert row["predicted_memory_mb"] <= row["budget_mb"] + 1e-9
-        assert math.isclose(row["predicted_gain"], sum(gains[layer] for layer in row["layers"]), rel_tol=1e-9)
-        assert row["planned"] or row["layers"] == list(range(4 - row["k"], 4))
-    assert json.loads((out / "fidelity.json").read_text())["schemes"] == result["schemes"]
-    assert (out / "fidelity.png").read_bytes()[:4] == b"\x89PNG" and (out / "measured.json").exists()
-    assert (out / "fidelity.md").read_text().count("\n| ") == len(result["schemes"]) + 1
-    # cached tables and costs are reused: a rerun measures nothing again and reports the same schemes
-    stamp = (out / "measured.json").stat().st_mtime_ns
-    assert fidelity.main(argv)["schemes"] == result["schemes"] and (out / "measured.json").stat().st_mtime_ns == stamp
-    # --report-only redraws the same table from fidelity.json without loading a model
-    table = (out / "fidelity.md").read_text()
+    for name in ("personal:tomasz", "alpaca"):
+        proxy, model = result["sets"][name]["proxy"], result["sets"][name]["gain_model"]
+        assert proxy["units"] == 4 and -1 <= proxy["spearman_adamw"] <= 1 and -1 <= proxy["spearman_sgd"] <= 1
+        assert 1 <= len(model["schemes"]) <= 3 and len(model["calibration"]) >= 1
+        for scheme in model["schemes"]:
+            assert scheme["memory_mb"] <= model["ceiling_mb"] + 1e-6
+            assert scheme["interval"][0] <= scheme["predicted"] <= scheme["interval"][1]
+    assert json.loads((out / "fidelity.json").read_text()) == json.loads(json.dumps(result))
+    assert (out / "fidelity.png").read_bytes()[:4] == b"\x89PNG"
+    # cached tables are reused: a rerun measures nothing again
+    stamp = (out / "alpaca" / "layers_measured.json").stat().st_mtime_ns
+    assert fidelity.main(argv)["sets"]["alpaca"]["proxy"] == result["sets"]["alpaca"]["proxy"]
+    assert (out / "alpaca" / "layers_measured.json").stat().st_mtime_ns == stamp
+    # --report-only redraws the same report from fidelity.json without loading a model
+    report = (out / "fidelity.md").read_text()
     (out / "fidelity.md").unlink()
-    assert (
-        fidelity.main(["--output", str(out), "--report-only"]) == result and (out / "fidelity.md").read_text() == table
-    )
+    fidelity.main(["--output", str(out), "--report-only"])
+    assert (out / "fidelity.md").read_text() == report

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pock_hf.planning import costs as costs_module
 from pock_hf.planning.costs import CostProfile, profile_costs
 
 from .tiny import tiny_llama
@@ -25,6 +26,14 @@ def test_profile_covers_every_cut_depth_and_module(profile):
     assert profile.activation_mb_by_cut == sorted(profile.activation_mb_by_cut, reverse=True)
     assert profile.activation_mb_by_cut[0] > profile.activation_mb_by_cut[3] > 0
     assert profile.step_s_by_cut == sorted(profile.step_s_by_cut, reverse=True)
+
+
+def test_overhead_makes_the_base_memory_the_process_peak(profile):
+    # the process (interpreter, torch, this test run) holds far more than the tiny model's weights
+    assert profile.overhead_mb > 10 * profile.weights_mb
+    for cut in range(4):
+        expected = profile.overhead_mb + profile.weights_mb + profile.activation_mb_by_cut[cut]
+        assert profile.base_memory_mb(cut) == pytest.approx(expected)
 
 
 def test_unit_memory_is_parameter_gradient_and_adam_state(profile):
@@ -53,3 +62,47 @@ def test_profiling_leaves_the_model_as_it_was():
     assert not model.model.layers[0].mlp.up_proj.weight.requires_grad
     assert sum(p.requires_grad for p in model.parameters()) == len(list(model.parameters())) - 1
     assert type(model.model.layers[1].mlp.up_proj).__name__ == "Linear"
+
+
+def test_a_budget_skips_the_cuts_that_would_not_fit_and_extrapolates_their_activations(monkeypatch):
+    """With a budget that holds the top two cuts' steps but not the third's, the lower cuts are neither timed nor
+    held, and their activation memory, extrapolated, equals the counted one (the layers are identical). The process
+    is simulated as 1,000 MB of overhead around the model, so the test does not hang on this machine's RSS."""
+    model = tiny_llama()
+    shape = {"batch_size": 2, "seq_len": 16, "depths": [0, 1, 2, 3], "repeats": 1, "progress": False}
+    free = profile_costs(model, **shape)
+    weights, activation = free.weights_mb, free.activation_mb_by_cut
+    process = {"peak": 0.0}
+    real_step = costs_module._wrapped_step_s
+
+    def step(model, scheme, batch, repeats):
+        depth = int(next(iter(scheme)).split(".")[2])
+        process["peak"] = 1000 + weights + activation[depth]
+        return real_step(model, scheme, batch, repeats)
+
+    monkeypatch.setattr(costs_module, "_wrapped_step_s", step)
+    monkeypatch.setattr(costs_module, "peak_memory_mb", lambda device: process["peak"])
+    monkeypatch.setattr(costs_module, "current_memory_mb", lambda device: 1000 + weights)
+    monkeypatch.setattr(costs_module, "reset_peak_memory", lambda device: True)
+    per_layer = activation[2] - activation[3]
+    budget = 1000 + weights + activation[3] + 1.5 * per_layer
+    bounded = profile_costs(model, **shape, budget_mb=budget)
+    assert bounded.overhead_mb == pytest.approx(1000)
+    assert bounded.settings["depths_measured"] == [2, 3] and bounded.settings["untimed_depths"] == [0, 1]
+    assert bounded.activation_mb_by_cut == pytest.approx(activation, rel=1e-6)
+    assert bounded.base_memory_mb(1) > budget >= bounded.base_memory_mb(2)
+    assert bounded.settings["full_step"] == "estimated"  # a full step (cut 0) would not fit either
+
+
+def test_a_budget_below_one_step_is_refused_naming_what_training_needs():
+    with pytest.raises(ValueError, match=r"budget is below what training needs at all.*weights"):
+        profile_costs(tiny_llama(), batch_size=2, seq_len=16, repeats=1, progress=False, budget_mb=1.0)
+
+
+def test_the_full_step_is_timed_without_optimizer_state_or_kept_gradients():
+    model = tiny_llama()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    profile = profile_costs(model, batch_size=2, seq_len=16, depths=[3], repeats=1, progress=False)
+    assert profile.settings["full_step"] == "timed" and profile.full_step_s > 0
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[name], p) for name, p in model.named_parameters())

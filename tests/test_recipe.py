@@ -92,12 +92,12 @@ def test_planned_from_a_measured_table_under_a_budget(run, tiny_model, tmp_path)
         write_rows(tmp_path / "rows.json"),
         output,
         pock={"measure": "proxy", "measure_steps": 2, "measure_eval_rows": 4, "profile_depths": 2},
-        budget={"memory_mb": 1000},
+        budget={"memory_mb": 4000},  # process peak: this test process holds more than the tiny model
         train={"steps": 2},
     )
     assert run(config, "pock.layers=null") == 0
     report = read_report(output)
-    assert report["plan"]["predicted_memory_mb"] <= 1000
+    assert report["plan"]["predicted_memory_mb"] <= 4000
     for name in ("scheme.json", "plan.md", "plan.png", "sensitivity.json", "sensitivity.png", "costs.json"):
         assert (output / name).is_file(), name
     # the saved table carries the measured schemes the gain model was fitted on, and every unit's damage

@@ -7,7 +7,6 @@ a PEFT LoRA model or a plain transformers model, so the baselines run through th
 
 from __future__ import annotations
 
-import resource
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -53,13 +52,6 @@ def set_learning_rate(optimizer: AnyOptimizer, lr: float) -> None:
     """Set the learning rate of every parameter group (for a schedule driven by the training loop)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this process so far, MB: `torch.cuda.max_memory_allocated` on CUDA, peak RSS elsewhere."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def labelled_token_count(batch: dict) -> int:

@@ -3,7 +3,16 @@
 A scheme's cost is dominated by its cut: everything above the deepest updated layer runs backward. The profile
 measures, on the device that will train, a training step for every cut depth (with a minimal trainable unit at that
 layer) and the extra time of updating each module type in full; memory is counted exactly where it can be
-(weights, the activations autograd saves above the cut, and per-unit parameter + gradient + AdamW state).
+(weights, the activations autograd saves above the cut, and per-unit parameter + gradient + AdamW state), and what
+it cannot count (the interpreter and its libraries, allocator slack, transient buffers of a step) is measured as the
+*overhead*: the process's peak during the profiled steps minus what was counted. So a planned scheme's memory is the
+process's peak while it trains, which is what a memory budget means.
+
+The full fine-tuning reference is timed without any optimizer state (each parameter's AdamW arithmetic runs on
+temporary state in its gradient hook, and the gradient is dropped there). With `budget_mb`, profiling stays within it
+too: cut depths whose step would not fit are neither timed nor held (their activation memory is extrapolated from the
+layers above, exactly for a stack of identical layers), and the full step, which saves more activations than any
+Pock cut, is estimated from the cut-0 step and the module updates instead of run.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..engine.memory import current_memory_mb, peak_memory_mb, reset_peak_memory
 from ..io.files import atomic_write_text, check_format_version, dataclass_from_json, read_json_object
 from ..tuner import PockConfig, get_pock_model
 from ..tuner.depth_cut import find_decoder_layers
@@ -55,7 +65,9 @@ class CostProfile:
     Lists indexed by cut depth c (0 .. num_layers-1): `step_s_by_cut[c]` is the median step time (s) with backward
     down to layer c, `activation_mb_by_cut[c]` the activation memory (MB) autograd keeps for that backward.
     `unit_extra_s[module]` is the extra step time (s) of updating `module` (a path inside a layer) at ratio 1; it
-    scales linearly with the ratio. `module_shapes[module]` is its weight's [out, in].
+    scales linearly with the ratio. `module_shapes[module]` is its weight's [out, in]. `overhead_mb` is the process
+    memory (MB) beyond weights, saved activations and trained values at the peak of a step (0 in profiles that did
+    not measure it).
     """
 
     device: str
@@ -71,6 +83,7 @@ class CostProfile:
     module_shapes: dict[str, list[int]]
     unit_extra_s: dict[str, float]
     bytes_per_value: int = 4
+    overhead_mb: float = 0.0
     settings: dict = field(default_factory=dict)
     format_version: int = COSTS_FORMAT_VERSION
 
@@ -91,8 +104,9 @@ class CostProfile:
         return sum(self.unit_extra_s[name] for name in self.modules_of(module)) * ratio
 
     def base_memory_mb(self, cut: int) -> float:
-        """Memory (MB) of a step with cut `cut`, before the units' own memory: weights plus saved activations."""
-        return self.weights_mb + self.activation_mb_by_cut[cut]
+        """Peak process memory (MB) of a step with cut `cut`, before the units' own memory: overhead, weights and
+        saved activations."""
+        return self.overhead_mb + self.weights_mb + self.activation_mb_by_cut[cut]
 
     def check_model(self, model: nn.Module) -> None:
         """Raise `ValueError` naming both fingerprints unless the profile was measured on `model` (unwrapped)."""
@@ -147,6 +161,7 @@ def profile_costs(
     repeats: int = 2,
     modules: Sequence[str] | None = None,
     measure_full: bool = True,
+    budget_mb: float | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> CostProfile:
@@ -155,9 +170,15 @@ def profile_costs(
     A step is forward + backward + AdamW step on a random batch of `batch_size` x `seq_len` tokens (all labelled).
     Step time is the median of `repeats` timed steps after one warm-up. Cut depths not in `depths` (default: about
     eight depths spread over the stack, always including the first and last layer) are interpolated linearly;
-    activation memory is counted for every depth from the tensors autograd saves (exact, device-independent), and on
-    CUDA the peak allocated memory is recorded in `settings` too. `measure_full` also times a full fine-tuning step,
-    the reference of `budget_time_ratio`; without it the cut-0 step stands in.
+    activation memory is counted for every depth from the tensors autograd saves (exact, device-independent). The
+    overhead is the largest excess of a timed step's process peak over its counted memory. `measure_full` also times
+    a full fine-tuning step, the reference of `budget_time_ratio`; without it the cut-0 step stands in.
+
+    With `budget_mb` (MB of process peak), depths whose step would exceed it are not run (see the module docstring);
+    `settings["untimed_depths"]` lists them.
+
+    Raises:
+        ValueError: the budget is below what the model and one step at the top layer need (the message gives both).
     """
     layers_name, stack = find_decoder_layers(model)
     num_layers = len(stack)
@@ -169,53 +190,94 @@ def profile_costs(
     input_ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=generator).to(device)
     batch = {"input_ids": input_ids, "labels": input_ids}
     fingerprint = model_fingerprint(model)
+    weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / MB
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     was_training = model.training
+    top = num_layers - 1
+    minimal = {depth: {f"{layers_name}.{depth}.{layer_modules[0]}": 1e-9} for depth in range(num_layers)}
     try:
         with torch.no_grad():
             forward_s = _median_time(lambda: model(**batch), repeats)
-        measured = {}
-        for depth in tqdm(depths, desc="profiling cut depths", disable=not progress):
-            scheme = {f"{layers_name}.{depth}.{layer_modules[0]}": 1e-9}  # one channel: the cut, nothing more
-            measured[depth] = _wrapped_step_s(model, scheme, batch, repeats)
-        activation_mb = []
-        for depth in range(num_layers):
-            scheme = {f"{layers_name}.{depth}.{layer_modules[0]}": 1e-9}
-            activation_mb.append(_activation_mb(model, scheme, batch))
-        top = num_layers - 1
+        activation = _activation_by_cut(model, minimal, batch, weights_mb, budget_mb, device)
+        overhead, measured, untimed = 0.0, {}, []
+        for depth in tqdm(
+            sorted(set(depths) | {top}, reverse=True), desc="profiling cut depths", disable=not progress
+        ):
+            if budget_mb is not None and measured and overhead + weights_mb + activation[depth] > budget_mb:
+                untimed.append(depth)
+                continue
+            reset_peak_memory(device)
+            measured[depth] = _wrapped_step_s(model, minimal[depth], batch, repeats)
+            overhead = max(overhead, peak_memory_mb(device) - weights_mb - activation[depth])
+            if budget_mb is not None and depth == top and overhead + weights_mb + activation[top] > budget_mb:
+                raise ValueError(
+                    f"A {budget_mb:.0f} MB budget is below what training needs at all: the model's weights "
+                    f"({weights_mb:.0f} MB), the process around them ({overhead:.0f} MB) and one step at the top "
+                    f"layer ({activation[top]:.0f} MB of activations) come to "
+                    f"{overhead + weights_mb + activation[top]:.0f} MB. Raise the budget or train on a bigger device."
+                )
         unit_extra_s = {}
         for module in tqdm(layer_modules, desc="profiling module updates", disable=not progress):
             full_module = _wrapped_step_s(model, {f"{layers_name}.{top}.{module}": 1.0}, batch, repeats)
-            unit_extra_s[module] = max(0.0, full_module - measured.get(top, min(measured.values())))
-        full_step_s = _full_step_s(model, batch, repeats) if measure_full else None
+            unit_extra_s[module] = max(0.0, full_module - measured[top])
+        step_s_by_cut = _interpolate(measured, num_layers)
+        full_step_s, full_step = step_s_by_cut[0], "cut 0"
+        if measure_full and budget_mb is None:
+            full_step_s, full_step = _full_step_s(model, batch, repeats), "timed"
+        elif measure_full:
+            # A full step saves the input of every linear layer, more than any Pock cut counted here, so under a
+            # budget it is not run: the cut-0 step plus every module's full update in every layer stands in.
+            full_step_s, full_step = step_s_by_cut[0] + num_layers * sum(unit_extra_s.values()), "estimated"
     finally:
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(requires_grad[name])
         model.train(was_training)
-    step_s_by_cut = _interpolate(measured, num_layers)
     # a deeper cut never costs more: smooth out timing noise so the planner's cost model is monotone
     for depth in range(num_layers - 2, -1, -1):
         step_s_by_cut[depth] = max(step_s_by_cut[depth], step_s_by_cut[depth + 1])
     first = model.get_submodule(f"{layers_name}.0")
-    settings = {"depths_measured": list(depths), "repeats": repeats, "seed": seed, "labels": "all tokens"}
-    if device.type == "cuda":
-        settings["cuda_max_memory_allocated_mb"] = torch.cuda.max_memory_allocated(device) / MB
+    settings = {
+        "depths_measured": sorted(measured),
+        "untimed_depths": sorted(untimed),
+        "repeats": repeats,
+        "seed": seed,
+        "labels": "all tokens",
+        "budget_mb": budget_mb,
+        "full_step": full_step,
+    }
     return CostProfile(
         device=_device_name(device),
         model_fingerprint=fingerprint,
         batch_size=batch_size,
         seq_len=seq_len,
         num_layers=num_layers,
-        weights_mb=sum(p.numel() * p.element_size() for p in model.parameters()) / MB,
+        weights_mb=weights_mb,
         forward_s=forward_s,
-        full_step_s=full_step_s if full_step_s is not None else step_s_by_cut[0],
+        full_step_s=full_step_s,
         step_s_by_cut=step_s_by_cut,
-        activation_mb_by_cut=activation_mb,
+        activation_mb_by_cut=activation,
         module_shapes={m: list(first.get_submodule(m).weight.shape) for m in layer_modules},
         unit_extra_s=unit_extra_s,
         bytes_per_value=next(model.parameters()).element_size(),
+        overhead_mb=max(overhead, 0.0),
         settings=settings,
     )
+
+
+def _activation_by_cut(model, minimal, batch, weights_mb, budget_mb, device) -> list[float]:
+    """Activation memory (MB) for every cut, counted exactly from the top down while the counting itself fits the
+    budget (the process now, plus that cut's activations), extrapolated from the two deepest counted cuts below."""
+    num_layers = len(minimal)
+    counted: dict[int, float] = {}
+    for depth in range(num_layers - 1, -1, -1):
+        if budget_mb is not None and len(counted) >= 2:
+            step = counted[depth + 1] - counted[depth + 2]
+            if current_memory_mb(device) + counted[depth + 1] + step > budget_mb:
+                break
+        counted[depth] = _activation_mb(model, minimal[depth], batch)
+    deepest = min(counted)
+    step = counted[deepest] - counted[deepest + 1] if deepest + 1 in counted else 0.0
+    return [counted[d] if d in counted else counted[deepest] + (deepest - d) * step for d in range(num_layers)]
 
 
 def _median_time(step, repeats: int) -> float:
@@ -272,12 +334,28 @@ def _activation_mb(model: nn.Module, scheme: dict[str, float], batch: dict) -> f
 
 
 def _full_step_s(model: nn.Module, batch: dict, repeats: int) -> float:
+    """A full fine-tuning step's time without a whole optimizer state: every parameter's AdamW update runs on
+    temporary moments in its gradient hook, and the gradient is dropped there (lr 0: the weights stay as they are)."""
+
+    @torch.no_grad()
+    def adamw_in_hook(parameter: torch.Tensor) -> None:
+        gradient = parameter.grad
+        first, second = torch.zeros_like(parameter), torch.zeros_like(parameter)
+        first.mul_(0.9).add_(gradient, alpha=0.1)
+        second.mul_(0.999).addcmul_(gradient, gradient, value=0.001)
+        parameter.add_(first / (second.sqrt() + 1e-8), alpha=-0.0)
+        parameter.grad = None
+
+    handles = []
     for parameter in model.parameters():
         parameter.requires_grad_(True)
+        handles.append(parameter.register_post_accumulate_grad_hook(adamw_in_hook))
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)  # the full step's cost, the weights untouched
-    seconds = _median_time(_training_step(model, batch, optimizer), repeats)
-    model.zero_grad(set_to_none=True)
+    try:
+        seconds = _median_time(lambda: model(**batch).loss.backward(), repeats)
+    finally:
+        for handle in handles:
+            handle.remove()
     return seconds
 
 

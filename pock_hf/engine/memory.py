@@ -1,0 +1,56 @@
+"""Process memory, as a budget means it: peak and current memory of this process, MB.
+
+On CUDA these are the bytes the caching allocator handed out (`torch.cuda.max_memory_allocated`); elsewhere the
+process's resident set (RSS) from `/proc/self/status`, whose peak (VmHWM) Linux lets a process reset by writing "5" to
+`/proc/self/clear_refs`, so the peak of one phase (a profiled step, a measurement) can be read on its own. Where
+`/proc` is missing the peak since the process started (`getrusage`) stands in, and resetting does nothing.
+"""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+import torch
+
+MB = 2**20
+PROC_STATUS = Path("/proc/self/status")
+PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory (MB) since the process started or since the last `reset_peak_memory`."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / MB
+    peak = _status_mb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def current_memory_mb(device: torch.device) -> float:
+    """Memory (MB) the process holds now."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / MB
+    current = _status_mb("VmRSS")
+    return current if current is not None else peak_memory_mb(device)
+
+
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start a new peak at the current memory; False where the platform cannot (the peak then keeps counting)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        PROC_CLEAR_REFS.write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _status_mb(field: str) -> float | None:
+    try:
+        for line in PROC_STATUS.read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
