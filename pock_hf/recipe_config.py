@@ -78,7 +78,8 @@ class PockSection:
     table on the training data first, then plan). `measure_*` tune that measurement: `measure_micro_batch` rows per
     proxy backward (memory; same result), `measure_replay` the base model's replies to everyday probe prompts as
     replay data (each unit's damage), `measure_schemes` how many whole schemes to train for the gain model (0: plan on
-    the additive score), `proxy_optimizer` the optimizer the proxy estimates. `profile_depths` is how many cut depths
+    the additive score), each for `measure_scheme_steps` steps (default: `train.steps`, what the run will train),
+    `proxy_optimizer` the optimizer the proxy estimates. `profile_depths` is how many cut depths
     the cost profile times (the rest interpolated). `spend` is `gain` (stop where predicted gain - `damage_weight` x
     damage stops growing) or `budget` (spend the ceiling). The rest are `PockConfig` options."""
 
@@ -101,6 +102,7 @@ class PockSection:
     measure_micro_batch: int | None = 1
     measure_replay: bool = True
     measure_schemes: int = 4
+    measure_scheme_steps: int | None = None
     proxy_optimizer: str = "adamw"
     profile_depths: int = 8
     spend: str = "gain"
@@ -377,6 +379,7 @@ def validate(config: RecipeConfig, source: str = "config") -> None:
         _choice(pock.proxy_optimizer, ("adamw", "sgd"), "pock.proxy_optimizer", source)
         _choice(pock.spend, ("gain", "budget"), "pock.spend", source)
         _positive(pock.measure_micro_batch, "pock.measure_micro_batch", source)
+        _positive(pock.measure_scheme_steps, "pock.measure_scheme_steps", source)
         _positive(pock.damage_weight, "pock.damage_weight", source, allow_zero=True)
         if pock.measure_schemes == 1 or pock.measure_schemes < 0:
             raise RecipeConfigError(

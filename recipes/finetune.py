@@ -45,7 +45,7 @@ from pock_hf.data.personal import (
     write_personal_dataset,
 )
 from pock_hf.demo import evaluate_personal, generate_replies, plot_losses, summary_table
-from pock_hf.engine.memory import current_memory_mb, peak_memory_mb
+from pock_hf.engine.memory import current_memory_mb, peak_memory_mb, release_free_memory, reset_peak_memory
 from pock_hf.engine.optim_in_backward import OptimizerInBackward
 from pock_hf.engine.training import make_optimizer, set_learning_rate, training_step
 from pock_hf.io.checkpoint import latest_checkpoint, load_checkpoint, restore_trainable, save_checkpoint, set_rng_state
@@ -260,15 +260,14 @@ def static_scheme(config: RecipeConfig, model) -> dict[str, float] | str | None:
     return None
 
 
-def profile_device(config: RecipeConfig, model, batch: int, seq_len: int) -> CostProfile:
-    """This device's cost profile for the training batch shape (`pock.profile_depths` cut depths timed)."""
+def profile_device(config: RecipeConfig, model, batch: dict) -> CostProfile:
+    """This device's cost profile on a training micro-batch (`pock.profile_depths` cut depths timed)."""
     num_layers = len(find_decoder_layers(model)[1])
     count = min(config.pock.profile_depths, num_layers)
     depths = sorted({round(i * (num_layers - 1) / max(1, count - 1)) for i in range(count)})
     return profile_costs(
         model,
-        batch_size=batch,
-        seq_len=seq_len,
+        batch=batch,
         depths=depths,
         repeats=1,
         measure_full=config.budget.time_ratio is not None,
@@ -491,10 +490,14 @@ class FinetuneRecipe:
         )
         self.model.to(self.accelerator.device)
         self.data = load_data(config, self.output)
+        self.task_examples = self.tokenize(self.data.train, "training")
+        replay = []
         if config.data.self_replay:
             # the base model's own replies to everyday prompts, trained on beside the facts, keep its behaviour
-            self.data.train += replay_rows(generate_replies(self.model, self.tokenizer, list(REPLAY_PROMPTS)))
-        self.examples = self.tokenize(self.data.train, "training")
+            rows = replay_rows(generate_replies(self.model, self.tokenizer, list(REPLAY_PROMPTS)))
+            self.data.train += rows
+            replay = self.tokenize(rows, "self-replay")
+        self.examples = self.task_examples + replay
         self.heldout = self.tokenize(self.data.heldout, "held-out") if self.data.heldout else []
         self.collate = InstructionCollator(pad_token_id=self.tokenizer.pad_token_id)
         self.seq_len = max(len(example["input_ids"]) for example in self.examples)
@@ -545,6 +548,7 @@ class FinetuneRecipe:
             check_memory(config, estimate)
         self.report.update(summary=summary, memory_estimate=dataclasses.asdict(estimate))
         self.report["plan_seconds"] = time.perf_counter() - started
+        release_free_memory(self.accelerator.device)  # what planning freed does not stand under training
         # attached before accelerate wraps the model, to the PeftModel whose depth cut it reads
         self.prefix_cache = (
             PrefixCache(config.train.prefix_cache_mb).attach(model) if config.train.prefix_cache_mb else None
@@ -571,13 +575,18 @@ class FinetuneRecipe:
             return PockConfig(scheme=scheme, **pock_options(config)), False
         measured = pock.table is None
         table = SensitivityTable.from_json(pock.table) if not measured else self.measure()
+        self.record_memory("sensitivity")
         table.check_model(self.model)
         costs = CostProfile.from_json(pock.costs) if pock.costs else None
         if costs is None:
-            costs = profile_device(config, self.model, self.micro_batch, self.seq_len)
+            # the longest training examples: the heaviest micro-batch this run will see
+            longest = sorted(self.examples, key=lambda example: len(example["input_ids"]))[-self.micro_batch :]
+            costs = profile_device(config, self.model, self.collate(longest))
+            self.record_memory("cost profile")
         costs.check_model(self.model)
         if measured and pock.measure_schemes:
-            self.log(f"Training {pock.measure_schemes} schemes of growing size for the gain model ...")
+            steps = pock.measure_scheme_steps or config.train.steps
+            self.log(f"Training {pock.measure_schemes} schemes of growing size ({steps} steps each) for the gain model")
             table = measure_schemes(
                 self.model,
                 self.tokenizer,
@@ -587,19 +596,23 @@ class FinetuneRecipe:
                 budget_mb=budget_mb(config),
                 budget_time_ratio=config.budget.time_ratio,
                 count=pock.measure_schemes,
+                steps=pock.measure_scheme_steps or config.train.steps,
+                lr=config.train.lr,
                 axis=pock.channel_axis,
                 progress=self.is_main,
             )
+            self.record_memory("measured schemes")
+        if self.is_main:  # kept before planning, so a plan that fails leaves the measurements to plan again
+            costs.to_json(self.output / "costs.json")
+            if measured:
+                table.to_json(self.output / "sensitivity.json")
         plan = plan_with(config, table, costs)
         report = plan_report(plan, costs)
         self.log(report)
         if self.is_main:
             plan.to_json(self.output / "scheme.json")
-            costs.to_json(self.output / "costs.json")
             atomic_write_text(self.output / "plan.md", report + "\n")
             plot_gain_vs_budget(plan, self.output / "plan.png", table=table)
-            if measured:
-                table.to_json(self.output / "sensitivity.json")
         self.report["plan"] = {
             k: getattr(plan, k)
             for k in (
@@ -618,21 +631,24 @@ class FinetuneRecipe:
         return PockConfig(scheme=plan.scheme, **pock_options(config, channel_indices=indices)), True
 
     def measure(self) -> SensitivityTable:
-        """Measure a sensitivity table on the training data (the last rows as its validation set; with
+        """Measure a sensitivity table on the training data (its last task rows as the validation set; with
         `pock.measure_replay`, the base model's replies to everyday probe prompts as replay data) and save it."""
         pock = self.config.pock
-        if len(self.examples) <= pock.measure_eval_rows:
+        task = self.task_examples
+        if len(task) <= pock.measure_eval_rows:
             raise RecipeConfigError(
-                f"pock.measure_eval_rows={pock.measure_eval_rows} leaves no row to measure on ({len(self.examples)})"
+                f"pock.measure_eval_rows={pock.measure_eval_rows} leaves no training row to measure on ({len(task)})"
             )
         replay = None
         if pock.measure_replay:
             self.log(f"Asking the base model {len(PROBE_PROMPTS)} everyday probe prompts (replay data for damage) ...")
             replies = generate_replies(self.model, self.tokenizer, list(PROBE_PROMPTS))
             replay = self.tokenize(replay_rows(replies, PROBE_PROMPTS), "replay")
+        # validation: the last task rows (never the self-replay rows, whose loss tuning should not lower); training:
+        # the rest, self-replay included, as the training itself sees them
         self.measurement_rows = (
-            self.examples[: -pock.measure_eval_rows],
-            self.examples[-pock.measure_eval_rows :],
+            task[: -pock.measure_eval_rows] + self.examples[len(task) :],
+            task[-pock.measure_eval_rows :],
             replay,
         )
         table = measure_sensitivity(
@@ -764,7 +780,6 @@ class FinetuneRecipe:
             train_seconds=seconds,
             seconds_per_step=seconds / max(1, done),
             losses=self.losses,
-            peak_memory_mb=peak_memory_mb(accelerator.device),
         )
         if self.prefix_cache is not None:
             self.report["prefix_cache"] = {
@@ -805,6 +820,9 @@ class FinetuneRecipe:
 
     def finish(self, started: float) -> None:
         self.report["total_seconds"] = time.perf_counter() - started
+        # the run's peak (MB): the largest of its phases' (setup, plan, train; evaluation after training last)
+        self.record_memory("evaluate")
+        self.report["peak_memory_mb"] = max(self.report["phase_peak_memory_mb"].values())
         self.accelerator.end_training()
         if not self.is_main:
             return
@@ -818,11 +836,21 @@ class FinetuneRecipe:
             f"Adapter, report and plots in {self.output}/"
         )
 
+    def record_memory(self, phase: str) -> None:
+        """This process's peak memory (MB) during `phase` (since the previous record) into the report, then start
+        the next phase's peak."""
+        device = self.accelerator.device
+        self.report.setdefault("phase_peak_memory_mb", {})[phase] = peak_memory_mb(device)
+        reset_peak_memory(device)
+
     def run(self) -> dict:
         started = time.perf_counter()
         self.setup()
+        self.record_memory("setup")
         self.plan()
+        self.record_memory("plan")
         self.train()
+        self.record_memory("train")
         self.save()
         self.evaluate("after")
         self.finish(started)

@@ -69,7 +69,9 @@ def test_schemes_grow_within_the_ceiling_and_their_gains_are_real(setup):
     assert last.gain == pytest.approx(table.baseline - after_eval, abs=1e-5)
     assert last.damage == pytest.approx(after_replay - table.replay_baseline, abs=1e-5)
     assert last.gain_se > 0 and last.damage_se > 0 and last.steps == 4
-    plan = make_plan(calibrated, costs, budget_mb=ceiling)
+    assert schemes[0].step_se is None and all(s.step_se > 0 for s in schemes[1:])
+    # random tokens: whatever the gains, the curve is fitted on every measured scheme (damage ignored here)
+    plan = make_plan(calibrated, costs, budget_mb=ceiling, damage_weight=0.0)
     assert plan.gain_model is not None and plan.gain_model.points == len(schemes)
 
 

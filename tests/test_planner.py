@@ -359,7 +359,7 @@ def measured(table: SensitivityTable, sizes_and_gains, se: float = 0.02, damages
 
 def test_stops_at_the_smallest_scheme_within_noise_of_the_best():
     table, costs = uniform_instance()
-    table.schemes = measured(table, [(1, 0.5), (2, 0.8), (4, 0.95), (8, 1.0)])
+    table.schemes = measured(table, [(1, 0.5), (2, 0.8), (4, 0.95), (8, 0.97)], se=0.02)
     ceiling = costs.base_memory_mb(0) + 12.5  # every unit fits
     everything = make_plan(table, costs, budget_mb=ceiling, spend="budget")
     plan = make_plan(table, costs, budget_mb=ceiling)
@@ -405,12 +405,34 @@ def test_damage_is_weighed_against_gain():
 
 
 def test_measured_damage_of_schemes_is_fitted_and_predicted():
-    q, up, down = MODULES
-    table, costs = uniform_instance(damage={(layer, m): 0.05 for layer in range(4) for m in MODULES})
-    table.schemes = measured(table, [(1, 0.5), (2, 0.8), (4, 0.95), (8, 1.0)], damages=[0.01, 0.02, 0.04, 0.08])
+    # unit damage grows with depth from the top; measured scheme damage is 0.2 x the summed unit damage
+    damage = {(layer, m): 0.05 * (4 - layer) for layer in range(4) for m in MODULES}
+    table, costs = uniform_instance(damage=damage)
+    order = sorted(table.rows, key=lambda row: (-row.layer, row.module))
+    sizes = [1, 2, 4, 8]
+    measured_damage = [0.2 * sum(damage[r.layer, r.module] for r in order[:size]) for size in sizes]
+    table.schemes = measured(table, list(zip(sizes, [0.5, 0.8, 0.95, 1.0])), damages=measured_damage)
     plan = make_plan(table, costs, budget_mb=costs.base_memory_mb(0) + 12.5)
-    assert plan.gain_model.damage_per_score == pytest.approx(0.2)  # 0.01 per 0.05 of summed unit damage
-    assert plan.predicted_damage == pytest.approx(0.2 * 0.05 * len(plan.units))
+    model = plan.gain_model
+    assert model.damage_per_score == pytest.approx(0.2, abs=1e-6) and model.damage_per_gain == pytest.approx(
+        0, abs=1e-6
+    )
+    summed = sum(damage[layer, module] for layer, module, _ in plan.units)
+    assert plan.predicted_damage == pytest.approx(0.2 * summed, abs=1e-6)
+
+
+def test_damage_that_grows_with_the_scheme_makes_the_plan_stop_earlier():
+    """Unit damages that say nothing (all zero) while measured damage grows with the scheme: the fit puts it on the
+    additive score, and gain - damage peaks before the ceiling."""
+    table, costs = uniform_instance(damage={(layer, m): 0.0 for layer in range(4) for m in MODULES})
+    sizes = [1, 2, 4, 8]
+    table.schemes = measured(table, list(zip(sizes, [0.5, 0.8, 0.95, 1.0])), damages=[0.05 * s for s in sizes])
+    ceiling = costs.base_memory_mb(0) + 12.5
+    weighed = make_plan(table, costs, budget_mb=ceiling)
+    ignored = make_plan(table, costs, budget_mb=ceiling, damage_weight=0.0)
+    assert weighed.gain_model.damage_per_gain == pytest.approx(0.05, abs=1e-6)
+    assert len(weighed.units) < len(ignored.units)
+    assert weighed.predicted_damage == pytest.approx(0.05 * weighed.additive_gain, abs=1e-6)
 
 
 def test_plan_with_a_gain_model_round_trips(tmp_path):

@@ -4,7 +4,8 @@ A sensitivity table says what each unit gains alone; what a set of units gains i
 `measure_schemes` picks `count` schemes with the additive planner at budgets spread geometrically from the smallest
 feasible one to the ceiling (nested in spirit: each spends more), trains each on the table's own training batches
 for its `steps` AdamW steps, and records the validation gain and the replay damage, each with its standard error
-paired over examples. The table comes back with them in `schemes`; `make_plan` then fits the saturation curve.
+paired over examples, and the standard error of each gain's difference from the previous scheme's (what tells two
+schemes apart). The table comes back with them in `schemes`; `make_plan` then fits the saturation curve.
 
 Each trial trains one scheme under the ceiling, so it needs no more memory than the training it plans.
 """
@@ -18,6 +19,7 @@ import numpy as np
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..engine.memory import release_free_memory
 from .costs import CostProfile
 from .gain_model import SchemeMeasurement
 from .planner import make_plan
@@ -43,31 +45,39 @@ def measure_schemes(
     budget_mb: float | None = None,
     budget_time_ratio: float | None = None,
     count: int = 4,
+    steps: int | None = None,
+    lr: float | None = None,
     axis: str = "out",
     progress: bool = True,
 ) -> SensitivityTable:
     """A copy of `table` with `count` measured schemes (replacing any it had), for the gain model.
 
-    The data must be what the table was measured on (same rows, and the same replay rows); the training steps,
-    learning rate, batch size, maximum length and seed are the table's own settings. Schemes are the additive plans
-    at `count` budgets from the smallest feasible one up to the ceiling (`budget_mb` MB and/or `budget_time_ratio`
-    of a full step), distinct ones only.
+    The data must be what the table was measured on (same rows, and the same replay rows); batch size, maximum
+    length and seed are the table's own settings, and so are the training `steps` and learning rate `lr` unless
+    given: give the training run's own, since what a scheme gains and breaks after the run is what the gain model
+    should predict (gains after a few steps favour small, concentrated schemes that a longer run overtakes). Schemes
+    are the additive plans at `count` budgets from the smallest feasible one up to the ceiling (`budget_mb` MB and/or
+    `budget_time_ratio` of a full step), distinct ones only.
 
     Raises:
-        ValueError: `count` below 2, no ceiling, data other than the table's (both fingerprints named), a model other
+        ValueError: `count` below 2 or `steps` below 1, no ceiling, data other than the table's (both fingerprints named), a model other
             than the table's, or the planner's own errors (a ceiling too small for one unit).
     """
     if isinstance(count, bool) or not isinstance(count, int) or count < 2:
         raise ValueError(f"count must be an integer >= 2 (a curve needs two points), got {count!r}.")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be a positive integer, got {steps!r}.")
     table.check_model(model)
     settings = table.settings
+    steps = settings["steps"] if steps is None else steps
+    lr = settings["lr"] if lr is None else lr
     data = prepare_measurement_data(
         tokenizer,
         train_data,
         eval_data,
         replay_data,
         batch_size=settings["batch_size"],
-        steps=settings["steps"],
+        steps=steps,
         max_length=settings["max_length"],
         seed=settings["seed"],
     )
@@ -79,12 +89,15 @@ def measure_schemes(
     plans = _additive_plans(table, costs, budget_mb, budget_time_ratio, count, axis)
     eval_before, eval_counts = example_losses(model, data.eval_batches)
     replay_before, replay_counts = example_losses(model, data.replay_batches) if data.replay_batches else (None, None)
-    measurements = []
+    measurements, previous = [], None
     for plan in tqdm(plans, desc="measuring schemes", unit="scheme", disable=not progress):
         config = plan.to_config(channel_indices=scheme_channel_indices(table, plan.scheme))
-        wrapped = train_scheme(model, config, data.train_batches, settings["lr"], settings["seed"])
+        wrapped = train_scheme(model, config, data.train_batches, lr, settings["seed"])
         try:
-            gain, gain_se = paired_difference(eval_before, example_losses(wrapped, data.eval_batches)[0], eval_counts)
+            eval_after = example_losses(wrapped, data.eval_batches)[0]
+            gain, gain_se = paired_difference(eval_before, eval_after, eval_counts)
+            step_se = None if previous is None else paired_difference(previous, eval_after, eval_counts)[1]
+            previous = eval_after
             damage = damage_se = None
             if replay_before is not None:
                 after = example_losses(wrapped, data.replay_batches)[0]
@@ -92,6 +105,7 @@ def measure_schemes(
                 damage = -improvement
         finally:
             wrapped.unload()
+            release_free_memory(next(model.parameters()).device)
         measurements.append(
             SchemeMeasurement(
                 units=list(plan.units),
@@ -101,6 +115,7 @@ def measure_schemes(
                 damage_se=damage_se,
                 steps=len(data.train_batches),
                 memory_mb=plan.predicted_memory_mb,
+                step_se=step_se,
             )
         )
     return dataclasses.replace(table, schemes=measurements)

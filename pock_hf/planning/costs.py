@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..engine.memory import current_memory_mb, peak_memory_mb, reset_peak_memory
+from ..engine.memory import current_memory_mb, peak_memory_mb, release_free_memory, reset_peak_memory
 from ..io.files import atomic_write_text, check_format_version, dataclass_from_json, read_json_object
 from ..tuner import PockConfig, get_pock_model
 from ..tuner.depth_cut import find_decoder_layers
@@ -162,12 +162,15 @@ def profile_costs(
     modules: Sequence[str] | None = None,
     measure_full: bool = True,
     budget_mb: float | None = None,
+    batch: dict | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> CostProfile:
     """Measure a `CostProfile` of `model` (plain, unwrapped) on the device it is on.
 
-    A step is forward + backward + AdamW step on a random batch of `batch_size` x `seq_len` tokens (all labelled).
+    A step is forward + backward + AdamW step on `batch` (a training batch: `input_ids`, `labels` and optionally
+    `attention_mask`; its shape replaces `batch_size` x `seq_len`), or on random tokens of that shape, all labelled.
+    Give a real batch where the memory matters: the loss's buffers grow with the labelled positions.
     Step time is the median of `repeats` timed steps after one warm-up. Cut depths not in `depths` (default: about
     eight depths spread over the stack, always including the first and last layer) are interpolated linearly;
     activation memory is counted for every depth from the tensors autograd saves (exact, device-independent). The
@@ -186,14 +189,20 @@ def profile_costs(
     if depths is None:
         depths = sorted({round(i * (num_layers - 1) / 7) for i in range(8)})
     device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=generator).to(device)
-    batch = {"input_ids": input_ids, "labels": input_ids}
+    given_batch = batch is not None
+    if batch is None:
+        generator = torch.Generator().manual_seed(seed)
+        input_ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=generator).to(device)
+        batch = {"input_ids": input_ids, "labels": input_ids}
+    else:
+        batch = {key: value.to(device) for key, value in batch.items()}
+        batch_size, seq_len = batch["input_ids"].shape
     fingerprint = model_fingerprint(model)
     weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / MB
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     was_training = model.training
     top = num_layers - 1
+    release_free_memory(device)  # what earlier work freed is not this profile's overhead
     minimal = {depth: {f"{layers_name}.{depth}.{layer_modules[0]}": 1e-9} for depth in range(num_layers)}
     try:
         with torch.no_grad():
@@ -237,11 +246,11 @@ def profile_costs(
         step_s_by_cut[depth] = max(step_s_by_cut[depth], step_s_by_cut[depth + 1])
     first = model.get_submodule(f"{layers_name}.0")
     settings = {
+        "batch": "given" if given_batch else "random tokens, all labelled",
         "depths_measured": sorted(measured),
         "untimed_depths": sorted(untimed),
         "repeats": repeats,
         "seed": seed,
-        "labels": "all tokens",
         "budget_mb": budget_mb,
         "full_step": full_step,
     }

@@ -1,15 +1,28 @@
-"""What a *set* of units gains: a saturation curve fitted on measured schemes, and the damage they do.
+"""What a *set* of units gains: a saturation curve through measured schemes, and the damage they do.
 
 Units tuned alone overlap: on commonsense data two layers recover 94% of what eighteen do, so the sum of the gains
 units reach alone (the *additive score* A of a scheme) over-predicts large schemes many times over. A few schemes of
-increasing size are therefore trained for real (`SchemeMeasurement`, see `planning.calibration`) and a curve
+increasing size are therefore trained for real (`SchemeMeasurement`, see `planning.calibration`), and the gain of any
+scheme is read off the curve through them:
 
-    gain(A) = g_max * (1 - exp(-A / scale))
+    gain(A) = the monotone (isotonic) piecewise-linear curve through (0, 0) and the measured (A_i, gain_i),
+              continued past the largest measured scheme with the slope of its last segment
 
-is fitted through them and through (0, 0): linear for small schemes (gain ~ A * g_max / scale), flat once the task is
-learnt. Damage (the loss increase on general "replay" data) is fitted as proportional to the scheme's summed unit
-damage: `damage(A_d) = damage_per_score * A_d`. `noise` (the standard deviation of a measured scheme gain around the
-curve, fit residuals and measurement error together, in the table's metric) decides which gains are "the same".
+No shape is assumed: the measured schemes span the budgets the planner chooses between (from one unit to the
+ceiling), and a parametric saturation curve (tried first: g_max * (1 - exp(-A / s))) goes flat too early when gains
+keep creeping up, which ranks schemes that training tells apart as equal. Damage (the loss increase on general
+"replay" data) is fitted as
+
+    damage(A_d, A) = damage_per_score * A_d + damage_per_gain * A        (both coefficients >= 0)
+
+by non-negative least squares on the measured schemes: A_d, the scheme's summed unit damage, carries what the table
+knows about which units do harm; A, what training more of the model costs in general (where the unit damages do not
+predict the measured damage, their coefficient is 0 and damage grows with the scheme).
+
+`noise` decides which predicted gains are "the same": the typical standard error of the *difference* between
+neighbouring measured schemes, paired over the same validation examples (most of an example's loss is shared by
+every scheme, so this is far smaller than a gain's own error against the frozen model), or, without it, the gains'
+own standard error.
 """
 
 from __future__ import annotations
@@ -20,18 +33,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# scales tried, as multiples of the largest measured additive score (the fit is exact in g_max for each)
-SCALE_GRID = np.geomspace(1e-3, 1e3, 241)
-# a fit whose best scale is at the top of the grid has found no saturation: it is a straight line
-LINEAR_SCALE_FACTOR = 1e2
-
 
 @dataclass(frozen=True)
 class SchemeMeasurement:
     """One scheme trained for real. `units` are (layer, module, ratio) as in the table; `gain` is the measured
     improvement of the table's metric (validation loss decrease, nats per token) with its standard error `gain_se`
     (paired over validation examples); `damage` the measured loss increase on replay data (None without replay data)
-    with `damage_se`; `steps` the training steps behind them; `memory_mb` the cost model's memory for the scheme."""
+    with `damage_se`; `steps` the training steps behind them; `memory_mb` the cost model's memory for the scheme;
+    `step_se` the standard error of its gain minus the previous (cheaper) measured scheme's, paired over the same
+    examples (None for the first)."""
 
     units: list[tuple[int, str, float]]
     gain: float
@@ -40,33 +50,47 @@ class SchemeMeasurement:
     damage_se: float | None
     steps: int
     memory_mb: float
+    step_se: float | None = None
 
 
 @dataclass(frozen=True)
 class GainModel:
-    """gain(A) = g_max * (1 - exp(-A / scale)) (A: a scheme's additive gain score) and damage(A_d) =
-    damage_per_score * A_d (A_d: its summed unit damage). `noise` is the standard deviation (metric units) of a
-    measured gain around the curve; `points` how many measured schemes the fit saw, the largest additive score
-    among them `largest_score`."""
+    """The gain curve through `scores` (additive scores, increasing, starting at 0) and `gains` (monotone), and
+    damage(A_d, A) = damage_per_score * A_d + damage_per_gain * A (None without measured damage). `noise` is the
+    standard deviation (metric units) that separates two predicted gains; `points` how many measured schemes the fit
+    saw."""
 
-    g_max: float
-    scale: float
+    scores: list[float]
+    gains: list[float]
     noise: float
     damage_per_score: float | None
+    damage_per_gain: float | None
     points: int
-    largest_score: float
 
     def gain(self, score: float) -> float:
         """Predicted gain (metric units) of a scheme with additive score `score`."""
-        return self.g_max * -math.expm1(-max(score, 0.0) / self.scale)
+        score = max(score, 0.0)
+        if score <= self.scores[-1]:
+            return float(np.interp(score, self.scores, self.gains))
+        return self.gains[-1] + self._last_slope() * (score - self.scores[-1])
 
     def slope(self) -> float:
-        """d gain / d score at 0: what one unit of additive score is worth in a small scheme."""
-        return self.g_max / self.scale
+        """d gain / d score of the first segment: what one unit of additive score is worth in a small scheme."""
+        return (self.gains[1] - self.gains[0]) / (self.scores[1] - self.scores[0])
 
-    def damage(self, damage_score: float) -> float:
-        """Predicted damage (metric units) of a scheme with summed unit damage `damage_score`; 0 without a model."""
-        return 0.0 if self.damage_per_score is None else self.damage_per_score * damage_score
+    def _last_slope(self) -> float:
+        return (self.gains[-1] - self.gains[-2]) / (self.scores[-1] - self.scores[-2])
+
+    @property
+    def has_damage(self) -> bool:
+        return self.damage_per_score is not None
+
+    def damage(self, damage_score: float, score: float) -> float:
+        """Predicted damage (metric units) of a scheme with summed unit damage `damage_score` and additive gain
+        score `score`; 0 without measured damage."""
+        if not self.has_damage:
+            return 0.0
+        return self.damage_per_score * damage_score + (self.damage_per_gain or 0.0) * max(score, 0.0)
 
     def interval(self, score: float) -> tuple[float, float]:
         """A 95% interval (metric units) around `gain(score)`."""
@@ -75,17 +99,18 @@ class GainModel:
 
     @property
     def saturates(self) -> bool:
-        """Whether the measured schemes show diminishing returns (the fit is not a straight line)."""
-        return self.scale < LINEAR_SCALE_FACTOR * 0.99 * self.largest_score
+        """Whether the measured schemes show diminishing returns: the last segment gains under a quarter of what the
+        first does per unit of score."""
+        return self._last_slope() < 0.25 * self.slope()
 
 
 def fit_gain_model(
     scores: Sequence[float], measurements: Sequence[SchemeMeasurement], damage_scores=None
 ) -> GainModel:
-    """Fit the curve through the measured schemes (`scores[i]` is the additive score of `measurements[i]`) and (0, 0).
+    """The curve through the measured schemes (`scores[i]` is the additive score of `measurements[i]`) and (0, 0).
 
-    `damage_scores[i]` is the summed unit damage of scheme i; the damage model is fitted where both it and the
-    measured damage are known, else left out (None).
+    `damage_scores[i]` is the summed unit damage of scheme i (None: the table has none, 0 is used); the damage model
+    is fitted on the schemes whose damage was measured, else left out (None).
 
     Raises:
         ValueError: fewer than two measured schemes, scores that are not positive and finite, or measured gains that
@@ -96,29 +121,40 @@ def fit_gain_model(
         raise ValueError(f"A gain model needs at least two measured schemes with scores, got {len(measurements)}.")
     if not (np.isfinite(scores).all() and (scores > 0).all() and np.isfinite(gains).all()):
         raise ValueError("Measured schemes need positive, finite additive scores and finite measured gains.")
-    largest = float(scores.max())
-    best = None
-    for scale in SCALE_GRID * largest:
-        shape = -np.expm1(-scores / scale)  # (n,)
-        g_max = float(shape @ gains / (shape @ shape))
-        error = float(((g_max * shape - gains) ** 2).sum())
-        if best is None or error < best[0] - 1e-15 * max(error, 1e-300):
-            best = (error, g_max, float(scale))
-    error, g_max, scale = best
-    residual_var = error / max(len(gains) - 1, 1)
-    measured_se = float(np.median([m.gain_se for m in measurements]))
-    noise = math.sqrt(residual_var + measured_se**2)
-    damage_per_score = _fit_damage(measurements, damage_scores)
-    return GainModel(g_max, scale, noise, damage_per_score, len(measurements), largest)
+    order = np.argsort(scores, kind="stable")
+    curve_scores, curve_gains = _monotone_curve(scores[order], gains[order])
+    steps = [m.step_se for m in measurements if m.step_se is not None and math.isfinite(m.step_se)]
+    noise = float(np.median(steps if steps else [m.gain_se for m in measurements]))
+    per_score, per_gain = _fit_damage(measurements, scores, damage_scores)
+    return GainModel(curve_scores, curve_gains, noise, per_score, per_gain, len(measurements))
 
 
-def _fit_damage(measurements: Sequence[SchemeMeasurement], damage_scores) -> float | None:
-    """Least squares through the origin of measured damage on summed unit damage; None where nothing to fit."""
-    if damage_scores is None:
-        return None
-    pairs = [(d, m.damage) for d, m in zip(damage_scores, measurements) if m.damage is not None and math.isfinite(d)]
-    x = np.array([d for d, _ in pairs], float)
-    if not pairs or float(x @ x) == 0.0:
-        return None
-    # a fit in which more summed unit damage means less measured damage is no evidence of damage: none is predicted
-    return max(0.0, float(x @ np.array([damage for _, damage in pairs], float) / (x @ x)))
+def _monotone_curve(scores: np.ndarray, gains: np.ndarray) -> tuple[list[float], list[float]]:
+    """(0, 0) and the points, gains made non-decreasing by pooling adjacent violators (isotonic regression), equal
+    scores merged; at least two points."""
+    blocks: list[list[float]] = []  # [score sum, gain sum, count]
+    for score, gain in zip([0.0, *scores], [0.0, *gains]):
+        blocks.append([score, gain, 1.0])
+        while len(blocks) > 1 and blocks[-2][1] / blocks[-2][2] >= blocks[-1][1] / blocks[-1][2]:
+            last = blocks.pop()
+            blocks[-1] = [a + b for a, b in zip(blocks[-1], last)]
+    xs = [block[0] / block[2] for block in blocks]
+    ys = [block[1] / block[2] for block in blocks]
+    if len(xs) < 2:  # every measured gain at or below zero: a flat curve from 0 to the largest score
+        return [0.0, float(scores.max())], [0.0, 0.0]
+    return xs, ys
+
+
+def _fit_damage(measurements, scores, damage_scores) -> tuple[float | None, float | None]:
+    """Non-negative least squares of measured damage on (summed unit damage, additive score); (None, None) where
+    no scheme's damage was measured."""
+    from scipy.optimize import nnls
+
+    known = [i for i, m in enumerate(measurements) if m.damage is not None and math.isfinite(m.damage)]
+    if not known:
+        return None, None
+    unit_damage = [0.0 if damage_scores is None else float(damage_scores[i]) for i in known]
+    features = np.array([[d, float(scores[i])] for d, i in zip(unit_damage, known)])  # (n, 2)
+    target = np.array([measurements[i].damage for i in known], float)
+    (per_score, per_gain), _ = nnls(features, target)
+    return float(per_score), float(per_gain)

@@ -32,9 +32,12 @@ Typical use:
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -466,15 +469,16 @@ class _Planner:
         values without measured schemes)."""
         if self.model is None:
             return gain - self.damage_weight * damage
-        damage_value = damage if self.model.damage_per_score is None else self.model.damage(damage)
+        damage_value = self.model.damage(damage, gain) if self.model.has_damage else damage
         return self.model.slope() * gain - self.damage_weight * damage_value
 
     def predict(self, scheme: _Scheme) -> tuple[float, float]:
         """Predicted (gain, damage) of a scheme, metric units."""
         if self.model is None:
             return scheme.additive_gain, scheme.damage_score
-        damage = scheme.damage_score if self.model.damage_per_score is None else self.model.damage(scheme.damage_score)
-        return self.model.gain(scheme.additive_gain), damage
+        if not self.model.has_damage:
+            return self.model.gain(scheme.additive_gain), scheme.damage_score
+        return self.model.gain(scheme.additive_gain), self.model.damage(scheme.damage_score, scheme.additive_gain)
 
     def objective(self, scheme: _Scheme) -> float:
         gain, damage = self.predict(scheme)
@@ -496,6 +500,13 @@ class _Planner:
                 options.setdefault((row.layer, row.module), []).append(
                     _Option(row.ratio, row.gain, damage, value, *cost)
                 )
+        if not options and self.model is not None:
+            gains = ", ".join(f"{s.gain:+.3g}" for s in self.table.schemes)
+            raise ValueError(
+                f"No unit is worth fine-tuning: the table's measured schemes gained {gains} ({self.table.rows[0].metric}"
+                f" improvement), a curve with no gain net of damage (damage weight {self.damage_weight:g}). Check "
+                "that the validation data is what tuning should improve, or train longer or with another rate."
+            )
         if not options:
             raise ValueError(
                 "No unit in the table has a positive gain (net of damage): there is nothing worth fine-tuning."
@@ -683,20 +694,30 @@ class _Planner:
 
 
 class _Programme:
-    """The 0/1 programme for one pair of budgets. Variables: one binary per unit option (x), then one per cut depth
-    (y). Constraints: at most one option per unit; exactly one cut; a unit only at or above the cut; the cut layer
-    holds a unit (so the cut is the deepest updated layer and its cost the real one); memory and time within
-    budget. Costs enter exactly as floats."""
+    """The 0/1 programme for one pair of budgets. Variables: one binary per unit option (x), then one per candidate
+    cut layer c (u_c: backward reaches layer c), monotone (u_c <= u_c' for c < c': whatever runs backward at a layer
+    runs it above too). A unit's options need its layer reached (sum of x <= u_layer, which also allows one option
+    per unit). A cut's base cost telescopes over the reached layers, base(top) + sum of (base(c) - base(next c)) u_c,
+    so the deepest reached layer pays exactly its own base cost; the base costs are made non-increasing upwards first
+    (an over-estimate only where a measured profile is not), and every solution is costed exactly afterwards. Memory
+    and time within budget; costs enter as floats."""
 
     def __init__(self, planner: _Planner, budget_mb: float | None, budget_s: float | None):
         self.planner, self.budget_mb, self.budget_s = planner, budget_mb, budget_s
         pairs, cuts, costs = planner.pairs, planner.cuts, planner.costs
-        n_x, n_y = len(pairs), len(cuts)
-        self.size = n_x + n_y
-        self.values = np.concatenate([[o.value for _, o in pairs], np.zeros(n_y)])
-        self.counts = np.concatenate([np.ones(n_x), np.zeros(n_y)])
-        self.memory = np.concatenate([[o.memory_mb for _, o in pairs], [costs.base_memory_mb(c) for c in cuts]])
-        self.time = np.concatenate([[o.step_s for _, o in pairs], [costs.step_s_by_cut[c] for c in cuts]])
+        n_x, n_u = len(pairs), len(cuts)
+        self.size = n_x + n_u
+        self.values = np.concatenate([[o.value for _, o in pairs], np.zeros(n_u)])
+        self.counts = np.concatenate([np.ones(n_x), np.zeros(n_u)])
+        memory_base = np.maximum.accumulate([costs.base_memory_mb(c) for c in reversed(cuts)])[::-1]
+        time_base = np.maximum.accumulate([costs.step_s_by_cut[c] for c in reversed(cuts)])[::-1]
+        # constants (the top candidate's base) go to the budgets; the rest telescopes over u
+        self.memory_offset, self.time_offset = float(memory_base[-1]), float(time_base[-1])
+        memory_steps = np.append(memory_base[:-1] - memory_base[1:], 0.0)  # what reaching each deeper layer adds
+        time_steps = np.append(time_base[:-1] - time_base[1:], 0.0)
+        self.memory = np.concatenate([[o.memory_mb for _, o in pairs], memory_steps])
+        self.time = np.concatenate([[o.step_s for _, o in pairs], time_steps])
+        reach = {cut: n_x + j for j, cut in enumerate(cuts)}
         rows, lower, upper = [], [], []
 
         def add(coefficients: dict[int, float], low: float, high: float) -> None:
@@ -707,26 +728,19 @@ class _Programme:
             lower.append(low)
             upper.append(high)
 
-        by_unit: dict[int, list[int]] = {}
+        options: dict[int, list[int]] = {}
         for index, (unit, _) in enumerate(pairs):
-            by_unit.setdefault(id(unit), []).append(index)
-        cut_index = {cut: n_x + j for j, cut in enumerate(cuts)}
-        units_at = {cut: [] for cut in cuts}
+            options.setdefault(id(unit), []).append(index)
         for unit in planner.units:
-            options = by_unit[id(unit)]
-            add(dict.fromkeys(options, 1.0), -np.inf, 1.0)
-            allowed = {cut_index[c]: -1.0 for c in cuts if c <= unit.layer}
-            add({**dict.fromkeys(options, 1.0), **allowed}, -np.inf, 0.0)
-            units_at[unit.layer] += options
-        for cut in cuts:
-            add({cut_index[cut]: 1.0, **dict.fromkeys(units_at[cut], -1.0)}, -np.inf, 0.0)
-        add(dict.fromkeys(cut_index.values(), 1.0), 1.0, 1.0)
+            add({**dict.fromkeys(options[id(unit)], 1.0), reach[unit.layer]: -1.0}, -np.inf, 0.0)
+        for lower_cut, upper_cut in itertools.pairwise(cuts):
+            add({reach[lower_cut]: 1.0, reach[upper_cut]: -1.0}, -np.inf, 0.0)
         self.base = LinearConstraint(np.array(rows), lower, upper)
 
     def indicator(self, scheme: _Scheme) -> np.ndarray:
         chosen = set(_unit_keys(scheme))
         x = [1.0 if (u.layer, u.module, o.ratio) in chosen else 0.0 for u, o in self.planner.pairs]
-        return np.concatenate([x, [1.0 if c == scheme.cut else 0.0 for c in self.planner.cuts]])
+        return np.concatenate([x, [1.0 if c >= scheme.cut else 0.0 for c in self.planner.cuts]])
 
     def solve(self, objective: np.ndarray, at_least=None, at_most=None) -> _Scheme | None:
         """Minimise `objective` within the budgets, with `at_least = (row, bound)` and `at_most = (row, bound)`
@@ -736,20 +750,21 @@ class _Programme:
         for attempt in range(BUDGET_RETRIES):
             constraints = [self.base]
             if budget_mb is not None:
-                constraints.append(LinearConstraint(self.memory[None], -np.inf, budget_mb))
+                constraints.append(LinearConstraint(self.memory[None], -np.inf, budget_mb - self.memory_offset))
             if budget_s is not None:
-                constraints.append(LinearConstraint(self.time[None], -np.inf, budget_s))
+                constraints.append(LinearConstraint(self.time[None], -np.inf, budget_s - self.time_offset))
             if at_least is not None:
                 constraints.append(LinearConstraint(at_least[0][None], at_least[1], np.inf))
             if at_most is not None:
                 constraints.append(LinearConstraint(at_most[0][None], -np.inf, at_most[1]))
-            result = milp(
-                objective,
-                integrality=np.ones(self.size),
-                bounds=Bounds(0, 1),
-                constraints=constraints,
-                options={"mip_rel_gap": 0.0, "time_limit": SOLVER_TIME_LIMIT_S},
-            )
+            with _quiet_c_stdout():
+                result = milp(
+                    objective,
+                    integrality=np.ones(self.size),
+                    bounds=Bounds(0, 1),
+                    constraints=constraints,
+                    options={"mip_rel_gap": 0.0, "time_limit": SOLVER_TIME_LIMIT_S},
+                )
             if result.x is None:
                 return None
             chosen = [pair for pair, x in zip(self.planner.pairs, result.x) if x > 0.5]
@@ -765,3 +780,18 @@ class _Programme:
             if budget_s is not None:
                 budget_s -= max(scheme.step_s - self.budget_s, 0.0) + margin * max(abs(self.budget_s), 1.0)
         return None
+
+
+@contextlib.contextmanager
+def _quiet_c_stdout():
+    """Send what C code writes to the process's standard output to /dev/null: the HiGHS bundled with scipy prints a
+    debug line ("HighsMipSolverData::transformNewIntegerFeasibleSolution ...") on some solves, whatever `disp` says."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)

@@ -36,6 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.instructions import InstructionCollator, tokenize_rows
+from ..engine.memory import release_free_memory
 from ..engine.training import labelled_token_count
 from ..tuner import PockConfig, get_pock_model
 from ..tuner.depth_cut import find_decoder_layers
@@ -321,6 +322,7 @@ def measure_sensitivity(
     finally:
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(requires_grad[name])
+        release_free_memory(next(model.parameters()).device)
     return table
 
 
@@ -485,6 +487,7 @@ class _Proxy:
             for weight in weights.values():
                 weight.requires_grad_(False)
                 weight.grad = None
+            release_free_memory(next(iter(weights.values())).device)  # the next group starts from the same memory
 
     def _replay(self, weights: dict[str, torch.Tensor], directions: dict[str, torch.Tensor]) -> None:
         """Per-channel cross and curvature terms from replay micro-batch gradients, reduced in the gradient hooks

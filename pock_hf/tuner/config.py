@@ -76,8 +76,10 @@ class PockConfig(PeftConfig):
             When the wrapped model is called with `labels`, compute the LM head and the loss only at labelled
             positions, in chunks of `loss_chunk_size`, so full logits never exist (`.logits` is then None). Same loss
             and gradients as the stock path. Set False to get the stock loss and logits.
-        loss_chunk_size (`int`):
+        loss_chunk_size (`int` or None):
             Positions per chunk of the label-only loss; at most one chunk's logits (chunk x vocab) exist at a time.
+            None (default): as many as keep a chunk's float32 logits within 32 MB (170 positions for a 49k vocabulary),
+            since the chunk's logits and their softmax are a step's largest buffers.
         quantize_frozen (`"int8"`, `"nf4"` or None):
             Hold the frozen weights of the decoder layers' linear modules in bitsandbytes 8-bit (LLM.int8) or 4-bit
             NF4, as QLoRA does; the sparse deltas, their optimizer state and gradients stay in full precision. The LM
@@ -113,7 +115,9 @@ class PockConfig(PeftConfig):
     label_only_loss: bool = field(
         default=True, metadata={"help": "With labels, run the LM head and loss only at labelled positions, chunked."}
     )
-    loss_chunk_size: int = field(default=1024, metadata={"help": "Positions per chunk of the label-only loss."})
+    loss_chunk_size: int | None = field(
+        default=None, metadata={"help": "Positions per chunk of the label-only loss (None: logits within 32 MB)."}
+    )
     quantize_frozen: Literal["int8", "nf4"] | None = field(
         default=None, metadata={"help": "Quantize the frozen decoder linear weights with bitsandbytes: int8 or nf4."}
     )
@@ -150,12 +154,12 @@ class PockConfig(PeftConfig):
             raise ValueError(
                 f"`quantize_frozen` is {self.quantize_frozen!r}; valid values are {FROZEN_QUANTIZATIONS} or None."
             )
-        if (
+        if self.loss_chunk_size is not None and (
             isinstance(self.loss_chunk_size, bool)
             or not isinstance(self.loss_chunk_size, int)
             or self.loss_chunk_size < 1
         ):
-            raise ValueError(f"`loss_chunk_size` must be a positive integer, got {self.loss_chunk_size!r}.")
+            raise ValueError(f"`loss_chunk_size` must be a positive integer or None, got {self.loss_chunk_size!r}.")
         for option in ("train_norms", "gradient_checkpointing", "label_only_loss", "init_weights"):
             if not isinstance(getattr(self, option), bool):
                 raise ValueError(f"`{option}` must be true or false, got {getattr(self, option)!r}.")

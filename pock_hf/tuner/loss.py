@@ -25,6 +25,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .forward_patch import patch_forward, unpatch_forward
 
 IGNORE_INDEX = -100
+# the default chunk keeps one chunk's float32 logits within this many bytes (at least MIN_CHUNK positions)
+CHUNK_LOGITS_BYTES = 32 * 2**20
+MIN_CHUNK = 16
 # keyword arguments of a causal LM's forward that the decoder stack does not take
 HEAD_ONLY_KWARGS = ("labels", "logits_to_keep", "num_items_in_batch", "return_dict")
 LOSS_TAG = "_pock_forward_before_label_only_loss"
@@ -114,11 +117,19 @@ def _denominator(num_items_in_batch, targets: torch.Tensor, total: torch.Tensor)
     return denominator.to(total.device) if isinstance(denominator, torch.Tensor) else denominator
 
 
-def install_label_only_loss(model: nn.Module, chunk_size: int = 1024) -> None:
+def default_chunk_size(vocab_size: int) -> int:
+    """Positions per chunk whose float32 logits fit `CHUNK_LOGITS_BYTES` (at least `MIN_CHUNK`)."""
+    return max(MIN_CHUNK, CHUNK_LOGITS_BYTES // (4 * vocab_size))
+
+
+def install_label_only_loss(model: nn.Module, chunk_size: int | None = None) -> None:
     """Make `model` (a transformers causal LM) compute its loss with `label_only_loss` whenever it is called with
-    labels; `.logits` is then None. Calls without labels (generation, evaluation) run the model's own forward."""
+    labels; `.logits` is then None. Calls without labels (generation, evaluation) run the model's own forward.
+    `chunk_size` None: `default_chunk_size` of the head's vocabulary."""
     head = model.get_output_embeddings()
     decoder = model.get_decoder()
+    if chunk_size is None:
+        chunk_size = default_chunk_size(head.weight.shape[0])
 
     def make_forward(original):
         @functools.wraps(original)
