@@ -129,7 +129,7 @@ def profile_seed(profile: str, seed: int, args) -> dict[str, list[dict]]:
                 scheme.write_text(json.dumps(random_scheme(base / "planned", rng)))
             reports["random"].append(run(folder, [*common, STATIC, f"pock.scheme={scheme}"], args.timeout))
     if "full_time" in args.systems:
-        full = reports.get("full") or [run(base / "full", [*common, *system_overrides("full")], args.timeout)]
+        full = reports.setdefault("full", [run(base / "full", [*common, *system_overrides("full")], args.timeout)])
         planned = reports.get("planned", [{"failed": "not run"}])[0]
         if "failed" in planned or "failed" in full[0]:
             return reports  # equal time needs both the planned run's time and a full step's
