@@ -395,14 +395,7 @@ def dry_run(config: RecipeConfig) -> dict:
             check_scheme_file(config.pock.scheme, model, real_weights=False)
         if scheme is None and config.pock.table and config.pock.costs:
             table, costs = SensitivityTable.from_json(config.pock.table), CostProfile.from_json(config.pock.costs)
-            scheme = make_plan(
-                table,
-                costs,
-                budget_mb=budget_mb(config),
-                budget_time_ratio=config.budget.time_ratio,
-                spend=config.pock.spend,
-                damage_weight=config.pock.damage_weight,
-            ).scheme
+            scheme = plan_with(config, table, costs).scheme
         if scheme is None:
             plan_note = (
                 f"the scheme is chosen at run time (pock.{config.pock.source()}) by the planner under the budget; "

@@ -129,25 +129,12 @@ def test_matches_brute_force_on_small_instances(seed, exact):
 def test_optimal_within_a_thousandth_of_the_budget_where_a_grid_is_not():
     """A unit of 0.42 MB counted as 1 MB on a 1 MB grid loses the scheme that fills the budget with such units;
     on the real costs the plan is the optimum."""
-    q, up, down = MODULES
-    # 13 rows of 65536 inputs at ratio 1 = 13 MB...; a 0.42 MB unit: 0.42 * 2**20 / 16 values per row
-    shapes = {q: [1, round(0.42 * 2**20 / 16)], up: [1, round(0.42 * 2**20 / 16)], down: [1, round(0.42 * 2**20 / 16)]}
-    costs = CostProfile(
-        device="synthetic",
-        model_fingerprint=dict(FINGERPRINT),
-        batch_size=1,
-        seq_len=8,
-        num_layers=2,
-        weights_mb=10.0,
-        forward_s=0.25,
-        full_step_s=1.0,
-        step_s_by_cut=[0.5, 0.25],
-        activation_mb_by_cut=[4.0, 2.0],
-        module_shapes=shapes,
-        unit_extra_s=dict.fromkeys(shapes, 0.01),
+    q = MODULES[0]
+    gains = {(layer, m): 1.0 for layer in (0, 1) for m in MODULES}
+    # one row of a 0.42 MB-per-row module: 0.42 MB of parameter, gradient and AdamW state
+    table, costs = handmade(
+        gains, dict.fromkeys(MODULES, 1), dict.fromkeys(MODULES, 0), inputs=round(0.42 * 2**20 / 16)
     )
-    rows = [SensitivityRow(layer, m, 1.0, 1.0, "measured", 4, "loss") for layer in (0, 1) for m in shapes]
-    table = SensitivityTable(rows=rows, model_fingerprint=dict(FINGERPRINT), data_fingerprint="d")
     unit_mb = costs.unit_memory_mb(q, 1.0)
     budget = costs.base_memory_mb(1) + 3 * unit_mb + 1e-6  # the three units of layer 1, within 0.1% of the budget
     plan = make_plan(table, costs, budget_mb=budget, spend="budget")
@@ -197,9 +184,14 @@ def test_cut_is_the_deepest_updated_layer():
         assert plan.predicted_gain == pytest.approx(sum(plan.unit_gains))
 
 
-def handmade(gains: dict[tuple[int, str], float], rows_of: dict[str, int], extra_eighths: dict[str, int]):
-    """Two layers, ratio 1 only; a module with k rows costs k MB and extra_eighths/8 s. Weights 10 MB, activations
-    4 MB (cut 0) and 2 MB (cut 1); steps 1/2 s and 1/4 s."""
+def handmade(
+    gains: dict[tuple[int, str], float],
+    rows_of: dict[str, int],
+    extra_eighths: dict[str, int],
+    inputs: int = INPUTS_FOR_ONE_MB_PER_CHANNEL,
+):
+    """Two layers, ratio 1 only; a module with k rows costs k MB (with the default `inputs` per row) and
+    extra_eighths/8 s. Weights 10 MB, activations 4 MB (cut 0) and 2 MB (cut 1); steps 1/2 s and 1/4 s."""
     costs = CostProfile(
         device="synthetic",
         model_fingerprint=dict(FINGERPRINT),
@@ -211,7 +203,7 @@ def handmade(gains: dict[tuple[int, str], float], rows_of: dict[str, int], extra
         full_step_s=1.0,
         step_s_by_cut=[0.5, 0.25],
         activation_mb_by_cut=[4.0, 2.0],
-        module_shapes={name: [rows, INPUTS_FOR_ONE_MB_PER_CHANNEL] for name, rows in rows_of.items()},
+        module_shapes={name: [rows, inputs] for name, rows in rows_of.items()},
         unit_extra_s={name: eighths / 8 for name, eighths in extra_eighths.items()},
     )
     rows = [SensitivityRow(layer, module, 1.0, gain, "measured", 4, "loss") for (layer, module), gain in gains.items()]
