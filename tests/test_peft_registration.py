@@ -40,3 +40,18 @@ def test_peft_config_loads_a_saved_pock_config(tmp_path):
     assert config.peft_type is PeftType.POCK
     loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
     assert isinstance(loaded.base_model, PockModel)
+
+
+def test_one_config_wraps_two_base_models_and_stays_as_it_was():
+    """get_pock_model records the base model's fingerprint in the wrapped model's copy of the config, not in the
+    caller's: reusing the config on another base is not mistaken for loading a foreign adapter."""
+    from pock_hf import PockConfig, get_pock_model
+
+    from .tiny import tiny_llama
+
+    config = PockConfig(scheme={"model.layers.3.mlp.up_proj": 0.5})
+    first = get_pock_model(tiny_llama(), config)
+    second = get_pock_model(tiny_llama(vocab_size=300), config)
+    assert config.base_model_fingerprint is None and config.task_type is None
+    digests = {m.peft_config["default"].base_model_fingerprint["digest"] for m in (first, second)}
+    assert len(digests) == 2

@@ -9,6 +9,7 @@ PEFT's loader calls) check the folder first.
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 
@@ -22,10 +23,14 @@ def get_pock_model(model: nn.Module, config: PockConfig, adapter_name: str = "de
     """Wrap `model` with a Pock adapter: freeze every parameter, replace each scheme module with a channel-sparse
     layer, and install the depth cut. Returns a `PeftModel` exposing `cut_layer` and `updated_modules`.
 
+    `config` itself is left as it was (the wrapped model gets a copy that records this base model's fingerprint), so
+    one `PockConfig` can wrap several base models, as a `LoraConfig` can.
+
     Raises:
         ValueError: a scheme entry is not a linear module of `model`, its ratio is outside (0, 1], or the config's
             base-model fingerprint belongs to another model.
     """
+    config = copy.deepcopy(config)
     if config.task_type is None and hasattr(model, "generate"):
         config.task_type = "CAUSAL_LM"  # PeftModelForCausalLM: generate() and Trainer work as with LoRA
     with warnings.catch_warnings():
