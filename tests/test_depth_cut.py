@@ -156,3 +156,28 @@ def test_unload_restores_plain_layers():
         p.requires_grad_(True)
     plain(**tiny_batch()).loss.backward()
     assert plain.model.layers[0].mlp.up_proj.weight.grad is not None
+
+
+def test_torch_autograd_grad_passes_the_backward_guard():
+    """`torch.autograd.grad(loss, params)` fills no `.grad`; the guard sees its gradients all the same."""
+    model, _ = wrapped({"model.layers.3.mlp.gate_proj": 0.25}, gradient_checkpointing=False)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(model(**tiny_batch()).loss, params)
+    assert all(g is not None for g in grads) and all(p.grad is None for p in params)
+    model(**tiny_batch()).loss.backward()  # and ordinary training still works after it
+    assert all(torch.allclose(p.grad, g) for p, g in zip(params, grads))
+
+
+def test_a_forward_never_backpropagated_does_not_switch_the_guard_off(monkeypatch):
+    from pock_hf.tuner import depth_cut
+
+    monkeypatch.setattr(depth_cut, "_checkpoints_reentrant", lambda layer: False)
+    model, _ = wrapped({"model.layers.3.mlp.gate_proj": 0.25})
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    other_route = torch.zeros((), requires_grad=True)
+    model.get_base_model().model.norm.register_forward_hook(lambda m, a, out: out + 0 * other_route)
+    with pytest.warns(UserWarning):
+        model(**tiny_batch())  # a training-mode forward nobody backpropagates
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="reached none of the trainable"):
+        model(**tiny_batch()).loss.backward()

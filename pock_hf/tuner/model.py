@@ -156,7 +156,7 @@ class PockModel(BaseTuner):
         self._layers_name, layers = find_decoder_layers(model)
         self._num_layers = len(layers)
         self._depth_cut = DepthCut(layer=len(layers))
-        self._backward_watch_pending = False
+        self._backward_watch: list = []  # hook handles of the pending check (see `_watch_first_backward`)
         self._backward_verified = False
         install_depth_cut(layers, self._depth_cut)
         if config.quantize_frozen:
@@ -206,27 +206,25 @@ class PockModel(BaseTuner):
         self.refresh_cut()
 
     def _after_forward(self, module: nn.Module, args: tuple, output) -> None:
-        if (
-            module.training
-            and torch.is_grad_enabled()
-            and not (self._backward_verified or self._backward_watch_pending)
-        ):
+        if module.training and torch.is_grad_enabled() and not self._backward_verified:
             self._watch_first_backward(output)
 
     def _watch_first_backward(self, output) -> None:
-        """After the first backward through `output`, check that some trainable parameter got a gradient."""
+        """After the next backward through `output` (`.backward()` or `torch.autograd.grad`), check that some
+        trainable parameter got a gradient. Each training forward before the first successful check replaces the
+        previous watch, so a forward that is never backpropagated does not leave the check waiting for good."""
+        self._stop_watching()
         values = output.values() if hasattr(output, "values") else [output]
         tensor = next((v for v in values if torch.is_tensor(v) and v.requires_grad), None)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         if tensor is None or not trainable:
             return
         received: list[bool] = []
-        handles = [p.register_post_accumulate_grad_hook(lambda _: received.append(True)) for p in trainable]
+        # tensor hooks, not post-accumulate ones: they also fire for torch.autograd.grad, which fills no .grad
+        handles = [p.register_hook(lambda grad: received.append(True)) for p in trainable]
 
         def check() -> None:
-            for handle in handles:
-                handle.remove()
-            self._backward_watch_pending = False
+            self._stop_watching()
             if not received:
                 raise RuntimeError(
                     "The backward pass reached none of the trainable Pock parameters, so training would update "
@@ -236,8 +234,15 @@ class PockModel(BaseTuner):
                 )
             self._backward_verified = True
 
-        tensor.register_hook(lambda grad: torch.autograd.Variable._execution_engine.queue_callback(check))
-        self._backward_watch_pending = True
+        handles.append(
+            tensor.register_hook(lambda grad: torch.autograd.Variable._execution_engine.queue_callback(check))
+        )
+        self._backward_watch = handles
+
+    def _stop_watching(self) -> None:
+        for handle in self._backward_watch:
+            handle.remove()
+        self._backward_watch = []
 
     # --- unloading gives back a plain transformers model -------------------------------------------------------------
 
