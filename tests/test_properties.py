@@ -162,9 +162,11 @@ def test_any_json_scheme_file_loads_or_raises_value_error(value):
         path = Path(folder) / "scheme.json"
         path.write_text(json.dumps(value))
         try:
-            PockConfig(scheme=str(path))
+            config = PockConfig(scheme=str(path))
         except ValueError:
-            pass
+            return
+    # what loads is a valid scheme: module names to ratios in (0, 1]
+    assert config.scheme and all(isinstance(k, str) and 0 < v <= 1 for k, v in config.scheme.items())
 
 
 # --- table and cost-profile files -------------------------------------------------------------------------------

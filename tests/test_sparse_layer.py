@@ -189,5 +189,6 @@ def test_explicit_channel_indices_are_used_and_stored():
 
 def test_copy_of_config_is_reusable_on_an_equal_model():
     config = PockConfig(scheme=SCHEME)
-    get_pock_model(tiny_llama(seed=0), copy.deepcopy(config))
-    get_pock_model(tiny_llama(seed=5), config)  # same architecture, other weights: accepted
+    first = get_pock_model(tiny_llama(seed=0), copy.deepcopy(config))
+    second = get_pock_model(tiny_llama(seed=5), config)  # same architecture, other weights: accepted
+    assert set(first.updated_modules) == set(second.updated_modules) == set(SCHEME)

@@ -20,6 +20,7 @@ SCHEME = {"model.layers.2.mlp.up_proj": 0.5, "model.layers.3.self_attn.o_proj": 
 def run(tmp_path, trainer_class=Trainer, accumulation: int = 1, **trainer_kwargs) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     model = get_pock_model(tiny_llama(), PockConfig(scheme=SCHEME, train_norms=True))
+    initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     args = TrainingArguments(
         output_dir=str(tmp_path),
         per_device_train_batch_size=2,
@@ -47,7 +48,10 @@ def run(tmp_path, trainer_class=Trainer, accumulation: int = 1, **trainer_kwargs
     trainer.train()
     if isinstance(trainer, PockTrainer) and trainer.prefix_cache is not None:
         assert trainer.prefix_cache.stats.hit_batches > 0
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    # two runs that trained nothing would compare equal: every trainable tensor must have moved
+    assert set(trained) == set(initial) and all(not torch.equal(trained[n], initial[n]) for n in initial)
+    return trained
 
 
 def assert_same(got: dict, expected: dict) -> None:
