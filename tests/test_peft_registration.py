@@ -55,3 +55,19 @@ def test_one_config_wraps_two_base_models_and_stays_as_it_was():
     assert config.base_model_fingerprint is None and config.task_type is None
     digests = {m.peft_config["default"].base_model_fingerprint["digest"] for m in (first, second)}
     assert len(digests) == 2
+
+
+def test_mixed_adapter_batches_are_refused_not_ignored():
+    import pytest
+
+    from pock_hf import PockConfig, get_pock_model
+
+    from .tiny import tiny_batch, tiny_llama
+
+    model = get_pock_model(tiny_llama(), PockConfig(scheme={"model.layers.3.mlp.up_proj": 0.5}))
+    batch = tiny_batch()
+    with pytest.raises(ValueError, match="mixed-adapter batches"):
+        model(**batch, adapter_names=["default", "default"])
+    with pytest.raises(ValueError, match="mixed-adapter batches"):
+        model.generate(input_ids=batch["input_ids"], adapter_names=["default", "default"], max_new_tokens=1)
+    assert model(**batch).loss is not None  # without it nothing changes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 from dataclasses import dataclass
 
@@ -199,6 +200,18 @@ class PockModel(BaseTuner):
                         channels = tuple(int(i) for i in module.pock_indices[adapter].tolist())
                         updated[name] = UpdatedModule(module.pock_ratio[adapter], module.pock_axis[adapter], channels)
         return updated
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """PeftModel's forward and generate enter this with their keyword arguments. Mixed-adapter batches
+        (`adapter_names=`) would need each row routed through its own deltas; Pock refuses them rather than let PEFT
+        ignore the argument and run every row through the active adapter."""
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(
+                "Pock adapters do not support mixed-adapter batches (adapter_names=...): every row would run through "
+                "the active adapter. Call set_adapter(name) and run each adapter's rows as a batch of their own."
+            )
+        yield
 
     # --- forward: fail loudly when training reaches no adapter parameter ---------------------------------------------
 
