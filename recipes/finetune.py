@@ -82,8 +82,9 @@ def check_distributed_type(distributed_type: DistributedType) -> None:
         raise RecipeConfigError(
             f"This recipe does not support {distributed_type.value}: it shards the frozen weights, which Pock never "
             "updates, and its sharded optimizer would hold only a handful of channels. Launch with plain data "
-            "parallelism instead (`accelerate launch --multi_gpu ...` or `--cpu --num_processes N`), and shrink the "
-            "frozen weights with pock.quantize_frozen=nf4 if they do not fit."
+            "parallelism instead: `accelerate launch --multi_gpu --num_processes N ...` (N GPUs; on a machine "
+            "without a GPU, or with ACCELERATE_USE_CPU=true, N CPU processes on gloo; `--cpu --num_processes N` "
+            "starts one process only), and shrink the frozen weights with pock.quantize_frozen=nf4 if they do not fit."
         )
 
 

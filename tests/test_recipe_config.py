@@ -149,8 +149,10 @@ def test_sharded_launches_are_refused(recipe):
 
     recipe.check_distributed_type(DistributedType.MULTI_CPU)
     for sharded in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        with pytest.raises(RecipeConfigError, match="does not support .*plain data parallelism"):
+        with pytest.raises(RecipeConfigError, match="does not support .*plain data parallelism") as error:
             recipe.check_distributed_type(sharded)
+        # the launch it recommends is one that really starts N processes (`--cpu --num_processes N` starts one)
+        assert "--multi_gpu --num_processes N" in str(error.value) and "starts one process only" in str(error.value)
 
 
 def test_mixed_precision_falls_back_where_the_device_lacks_it(recipe, monkeypatch):
