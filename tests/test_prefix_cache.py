@@ -164,3 +164,21 @@ def test_generation_and_hidden_state_outputs_bypass_the_cache():
     assert torch.equal(model.generate(input_ids=prompt, max_new_tokens=4, do_sample=False), plain)
     for got, expected in zip(model(input_ids=prompt, output_hidden_states=True).hidden_states, hidden):
         torch.testing.assert_close(got, expected)
+
+
+def test_a_weight_edit_through_data_invalidates():
+    """`.data` writes move no version counter; the sampled values catch them (the embedding here, below the cut)."""
+    rows = examples()
+    model, cache = pock_model(), PrefixCache()
+    collate = InstructionCollator(pad_token_id=0)
+    cache.attach(model)
+    embeddings = model.base_model.model.model.embed_tokens.weight
+    with torch.no_grad():
+        model(**collate(rows[:3]))
+        embeddings.data[:] = torch.randn_like(embeddings)
+        got = model(**collate(rows[:3])).loss
+    cache.detach()
+    with torch.no_grad():
+        expected = model(**collate(rows[:3])).loss
+    assert cache.stats.invalidations == 1 and cache.stats.hit_batches == 0
+    torch.testing.assert_close(got, expected)

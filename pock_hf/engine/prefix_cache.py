@@ -10,7 +10,9 @@ run up to float rounding (tests/test_prefix_cache.py).
 The cache is only used where it is exact: a Pock model whose cut is above layer 0 and nothing below it trains;
 called with `input_ids` and no `position_ids`, `inputs_embeds`, KV cache or intermediate outputs (generation and
 `output_hidden_states` run the whole model). It empties itself when the cut moves or the prefix weights change
-(checked by a content digest whenever a prefix parameter's version counter moves). Entries live in memory or, with
+(checked by a content digest whenever a prefix parameter's version counter, storage or sampled values move: an
+edit through `.data` that changes none of a tensor's 64 sampled values goes unseen; call `clear()` after such
+surgery). Entries live in memory or, with
 `directory`, as one safetensors file each (written atomically, never pickle), up to `max_mb`; past the limit new
 examples simply run uncached.
 """
@@ -36,6 +38,8 @@ from ..tuner.forward_patch import patch_forward, unpatch_forward
 FORMAT_VERSION = 1
 CACHE_TAG = "_pock_forward_before_prefix_cache"
 META_FILE = "prefix_cache.json"
+# values of each prefix tensor compared on every batch (see `_value_sample`)
+SAMPLED_VALUES = 64
 # decoder arguments under which the prefix cannot be skipped
 BYPASS_KWARGS = (
     "inputs_embeds",
@@ -221,8 +225,9 @@ class PrefixCache:
 
     def _check_prefix(self, cut: int, prefix: list[nn.Module]) -> None:
         parameters = [p for module in prefix for p in module.parameters()]
-        # cheap: in-place updates bump `_version`, replaced tensors change `data_ptr`
-        stamp = (cut, tuple((p.data_ptr(), p._version) for p in parameters))
+        # cheap: in-place updates bump `_version`, replaced tensors change `data_ptr`, and a sample of every tensor's
+        # values catches writes through `.data`, which move neither
+        stamp = (cut, tuple((p.data_ptr(), p._version, _value_sample(p)) for p in parameters))
         if stamp == self._prefix_stamp:
             return
         digest = weights_digest(nn.ModuleList(prefix))
@@ -256,6 +261,14 @@ class PrefixCache:
         for row, (key, (start, length)) in enumerate(zip(batch.keys, batch.spans)):
             if key not in self._entries:
                 self._put(key, hidden[row, start : start + length].detach())
+
+
+def _value_sample(parameter: torch.Tensor) -> bytes:
+    """`SAMPLED_VALUES` values spread evenly over the tensor, as bytes: what a `.data` edit of a whole tensor (or of
+    any sampled element) changes."""
+    flat = parameter.detach().reshape(-1)
+    positions = torch.linspace(0, flat.numel() - 1, min(SAMPLED_VALUES, flat.numel()), device=flat.device).long()
+    return flat[positions].float().cpu().numpy().tobytes()
 
 
 def _row_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[list[str], list[tuple[int, int]]] | None:
