@@ -1,9 +1,11 @@
-"""The `pock` command: measure a sensitivity table (and the device's cost profile), then plan a scheme under a budget.
+"""The `pock` command: measure a sensitivity table (and the device's cost profile), plan a scheme under a budget, and
+talk to the tuned model.
 
     pock sensitivity --data train.json --out runs/sens/table.json            # embedded SmolLM2, measured mode
     pock sensitivity --model M --data train.json --method proxy --budget-mb 3000 --out table.json
     pock plan --table table.json --costs costs.json --budget-mb 3000 --out scheme.json
     pock plan --table table.json --costs costs.json --device jetson-orin-nano-8gb --out scheme.json
+    pock chat --adapter runs/demo/adapter                                    # see pock_hf/chat.py
 
 With a ceiling (`--budget-mb`, `--budget-time-ratio` or `--device`), `pock sensitivity` also trains `--schemes`
 schemes of growing size under it, so that `pock plan` can stop where gain saturates instead of spending the budget.
@@ -155,6 +157,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--damage-weight", type=float, default=1.0, help="weight of predicted damage (replay loss increase) vs gain"
     )
     plan.add_argument("--out", type=Path, required=True, help="scheme JSON; the report (.md) and plot (.png) beside")
+
+    talk = commands.add_parser("chat", help="talk to a model, with or without an adapter (lines from stdin)")
+    talk.add_argument("--model", default=None, help="hub id or local path; default: embedded SmolLM2-135M-Instruct")
+    talk.add_argument("--adapter", help="a saved Pock (or other PEFT) adapter folder to load on the model")
+    talk.add_argument("--system", help="system prompt")
+    talk.add_argument("--max-new-tokens", type=positive_int, default=256)
+    talk.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    talk.add_argument("--save", type=Path, help="write the conversation (chat messages JSON) here at the end")
+    talk.add_argument(
+        "--trust-remote-code", action="store_true", help="run the model repository's own Python code (off by default)"
+    )
     return parser
 
 
@@ -242,6 +255,12 @@ def run_sensitivity(args: argparse.Namespace) -> None:
     print("Wrote " + ", ".join(str(path) for path in outputs))
 
 
+def run_chat(args: argparse.Namespace) -> None:
+    from .chat import run_chat as chat
+
+    chat(args)
+
+
 def run_plan(args: argparse.Namespace) -> None:
     from .io.files import atomic_write_text
     from .planning.costs import CostProfile
@@ -288,7 +307,7 @@ def load_replay_rows(source: str, model, tokenizer) -> list[dict] | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"sensitivity": run_sensitivity, "plan": run_plan}[args.command](args)
+        {"sensitivity": run_sensitivity, "plan": run_plan, "chat": run_chat}[args.command](args)
     except (ValueError, OSError, ImportError) as error:  # OSError: missing, unreadable or unwritable files
         if args.debug:
             raise
