@@ -13,26 +13,26 @@ def _percent(value: float | None) -> str:
 
 
 def write_markdown(summary: dict, path: Path) -> Path:
-    """Tables: each task's headline metric per system (%, with the 95% CI and seconds), the majority-class rate, then
-    the differences from the baseline and the pairwise win rates."""
+    """Tables: each task's metrics per system, a row each, the headline first (%, with the 95% CI and seconds), the
+    majority-class rate, then the differences from the baseline and the pairwise win rates."""
     systems = [system["label"] for system in summary["systems"]]
     lines = [
         "| task | n | metric | majority | " + " | ".join(systems) + " |",
         "|---|---|---|---|" + "---|" * len(systems),
     ]
     for name, info in summary["tasks"].items():
-        metric = info["metrics"][0]
-        cells = []
-        for label in systems:
-            result = summary["results"][label][name]
-            value = result["metrics"][metric]
-            missing = f", {result['missing']} missing" if result["missing"] else ""
-            cells.append(
-                f"{_percent(value['value'])} [{_percent(value['ci_low'])}, {_percent(value['ci_high'])}] "
-                f"({result['seconds']:.0f} s{missing})"
-            )
-        majority = _percent(info["majority_rate"])
-        lines.append(f"| {name} | {info['n']} | {metric} | {majority} | " + " | ".join(cells) + " |")
+        for metric in info["metrics"]:  # every metric, the headline first
+            cells = []
+            for label in systems:
+                result = summary["results"][label][name]
+                value = result["metrics"][metric]
+                missing = f", {result['missing']} missing" if result["missing"] else ""
+                cells.append(
+                    f"{_percent(value['value'])} [{_percent(value['ci_low'])}, {_percent(value['ci_high'])}] "
+                    f"({result['seconds']:.0f} s{missing})"
+                )
+            majority = _percent(info["majority_rate"])
+            lines.append(f"| {name} | {info['n']} | {metric} | {majority} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Values in %, 95% bootstrap CI in brackets, then the seconds the system took on the task.")
     if summary["comparisons"]:

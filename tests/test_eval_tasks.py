@@ -170,7 +170,8 @@ def test_runner_end_to_end_on_tiny_models(tmp_path):
     assert {"prompt", "reply", "prediction", "gold", "score"} <= set(
         json.loads((tmp_path / "a" / "SmolLM2-135M-Instruct+adapter" / "mine_gen.jsonl").open().readline())
     )
-    assert "| mine | 6 | acc |" in (tmp_path / "a" / "summary.md").read_text()
+    markdown = (tmp_path / "a" / "summary.md").read_text()
+    assert "| mine | 6 | acc |" in markdown and "| mine | 6 | acc_norm |" in markdown  # every metric, not only the JSON
     assert (tmp_path / "a" / "comparison.png").stat().st_size > 1000
     # deterministic: the same command gives the same numbers
     again = run_evaluation(systems, tasks, output=tmp_path / "b", settings=settings, load=tiny_loader)
