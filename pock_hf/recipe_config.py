@@ -78,7 +78,7 @@ class PockSection:
     table on the training data first, then plan). `measure_*` tune that measurement: `measure_micro_batch` rows per
     proxy backward (memory; same result), `measure_replay` the base model's replies to everyday probe prompts as
     replay data (each unit's damage), `measure_schemes` how many whole schemes to train for the gain model (0: plan on
-    the additive score), each for `measure_scheme_steps` steps (default: `train.steps`, what the run will train),
+    the additive score), each for `measure_scheme_steps` steps (default: `train.steps` up to 60: what the run will train),
     `proxy_optimizer` the optimizer the proxy estimates. `profile_depths` is how many cut depths
     the cost profile times (the rest interpolated). `spend` is `gain` (stop where predicted gain - `damage_weight` x
     damage stops growing) or `budget` (spend the ceiling). The rest are `PockConfig` options."""

@@ -71,6 +71,8 @@ ARCHITECTURES = Path(__file__).with_name("architectures.yaml")
 # Sharded data parallelism would split the frozen weights too; Pock trains a small set of channels, so plain DDP
 # (every process holds the whole model) is what it supports.
 REFUSED_DISTRIBUTED = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
+# the default training steps of a measured scheme: the run's own, up to this many
+SCHEME_STEPS_CAP = 60
 
 
 # --- setup: accelerator ----------------------------------------------------------------------------------------------
@@ -274,6 +276,12 @@ def profile_device(config: RecipeConfig, model, batch: dict) -> CostProfile:
         measure_full=config.budget.time_ratio is not None,
         budget_mb=budget_mb(config),
     )
+
+
+def scheme_steps(config: RecipeConfig) -> int:
+    """Training steps of each measured scheme: `pock.measure_scheme_steps`, else the run's own up to
+    `SCHEME_STEPS_CAP` (so measuring four schemes never costs much more than four short runs)."""
+    return config.pock.measure_scheme_steps or min(config.train.steps, SCHEME_STEPS_CAP)
 
 
 def plan_with(config: RecipeConfig, table: SensitivityTable, costs: CostProfile) -> Plan:
@@ -579,7 +587,7 @@ class FinetuneRecipe:
             self.record_memory("cost profile")
         costs.check_model(self.model)
         if measured and pock.measure_schemes:
-            steps = pock.measure_scheme_steps or config.train.steps
+            steps = scheme_steps(config)
             self.log(f"Training {pock.measure_schemes} schemes of growing size ({steps} steps each) for the gain model")
             table = measure_schemes(
                 self.model,
@@ -590,7 +598,7 @@ class FinetuneRecipe:
                 budget_mb=budget_mb(config),
                 budget_time_ratio=config.budget.time_ratio,
                 count=pock.measure_schemes,
-                steps=pock.measure_scheme_steps or config.train.steps,
+                steps=scheme_steps(config),
                 lr=config.train.lr,
                 axis=pock.channel_axis,
                 progress=self.is_main,
