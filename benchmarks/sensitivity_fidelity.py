@@ -141,8 +141,10 @@ def gain_model_fidelity(rows, args, model, tokenizer, folder: Path, lr: float) -
     bare = dataclasses.replace(table, schemes=[])
     smallest = make_plan(bare, costs, budget_mb=1e9, spend="budget").ladder[0].memory_mb
     # the ceiling: what updating the last `--ceiling-layers` layers whole at the smallest ratio would take
-    top = costs.num_layers - args.ceiling_layers
-    ceiling = costs.base_memory_mb(top) + args.ceiling_layers * costs.unit_memory_mb("*", min(args.module_ratios))
+    layers = min(args.ceiling_layers, costs.num_layers)
+    ceiling = costs.base_memory_mb(costs.num_layers - layers) + layers * costs.unit_memory_mb(
+        "*", min(args.module_ratios)
+    )
     calibrated = cached(
         folder / "modules_calibrated.json",
         lambda: measure_schemes(

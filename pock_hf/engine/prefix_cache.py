@@ -267,7 +267,9 @@ def _value_sample(parameter: torch.Tensor) -> bytes:
     """`SAMPLED_VALUES` values spread evenly over the tensor, as bytes: what a `.data` edit of a whole tensor (or of
     any sampled element) changes."""
     flat = parameter.detach().reshape(-1)
-    positions = torch.linspace(0, flat.numel() - 1, min(SAMPLED_VALUES, flat.numel()), device=flat.device).long()
+    count = min(SAMPLED_VALUES, flat.numel())
+    # integer positions: a float linspace over tens of millions of elements rounds its last one out of range
+    positions = torch.arange(count, device=flat.device) * (flat.numel() - 1) // max(count - 1, 1)
     return flat[positions].float().cpu().numpy().tobytes()
 
 
