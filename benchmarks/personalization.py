@@ -70,8 +70,15 @@ def run(folder: Path, args_: list[str], timeout: float) -> dict:
         folder.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, str(RECIPE), "--config", str(CONFIG), f"output.dir={folder}", *args_]
         with open(folder / "log.txt", "w") as log:
-            done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, cwd=ROOT, check=False)
-        if done.returncode != 0:
+            try:
+                code = subprocess.run(
+                    command, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, cwd=ROOT, check=False
+                ).returncode
+            except subprocess.TimeoutExpired:
+                code = None
+        if code is None:
+            failed.write_text(f"timed out after {timeout:.0f} s (--timeout)\n")
+        elif code != 0:
             lines = (folder / "log.txt").read_text().strip().splitlines() or ["(no output)"]
             failed.write_text(lines[-1] + "\n")
     if failed.exists():
@@ -113,6 +120,12 @@ def profile_seed(profile: str, seed: int, args) -> dict[str, list[dict]]:
         return overrides(system, ceiling, args.layers)
 
     reports = {"hand": [run(base / "hand", [*common, *system_overrides("hand")], args.timeout)]}
+    if "failed" in reports["hand"][0]:
+        print(
+            f"{profile} seed {seed}: the hand-picked run failed ({reports['hand'][0]['failed']}), so there is no "
+            f"ceiling to plan under; skipped the other systems. Its log: {base / 'hand' / 'log.txt'}"
+        )
+        return reports
     ceiling = reports["hand"][0]["peak_memory_mb"]
     for system in args.systems:
         if system in ("hand", "random", "full_time"):

@@ -220,6 +220,11 @@ def plot(sets: dict, path: Path) -> None:
     save_figure(figure, path)
 
 
+def _plain(value):
+    """numpy scalars (a count of booleans, a rank) as the Python numbers JSON knows."""
+    return value.item()
+
+
 def write_report(results: dict, output: Path) -> str:
     """fidelity.json, fidelity.md and fidelity.png in `output`; returns the Markdown."""
     from pock_hf.io.files import atomic_write_text
@@ -254,7 +259,7 @@ def write_report(results: dict, output: Path) -> str:
                          f"{s['predicted']:.3f} [{s['interval'][0]:.3f}, {s['interval'][1]:.3f}] | "
                          f"{s['measured']:.3f} ± {s['measured_se']:.3f} |")  # fmt: skip
     markdown = "\n".join(lines) + "\n"
-    atomic_write_text(output / "fidelity.json", json.dumps(results, indent=2))
+    atomic_write_text(output / "fidelity.json", json.dumps(results, indent=2, default=_plain))
     atomic_write_text(output / "fidelity.md", markdown)
     plot(sets, output / "fidelity.png")
     return markdown

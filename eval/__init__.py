@@ -1,6 +1,7 @@
 """pock_eval: the evaluation harness of pock_hf (the repository's `eval/` folder).
 
-Task specs are YAML (`pock_eval/tasks/*.yaml`); any instruction-row data file works by path. Scoring modes:
+Task specs are YAML (`pock_eval/tasks/*.yaml`); any data file works by path, scored as its rows show (see
+`pock_eval.layouts`). Scoring modes:
 multiple choice by log-likelihood, generation with answer extraction, open-ended answers against a reference
 (ROUGE-L, token F1) and pairwise judging. `pock-eval --help` shows the command; `run_evaluation` is the same in Python.
 """

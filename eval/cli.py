@@ -2,13 +2,16 @@
 
     pock-eval --tasks boolq,arc_easy --limit 500                       # the embedded SmolLM2-135M-Instruct
     pock-eval --model default --adapter out/adapter --tasks boolq,boolq_gen --limit 500   # base vs base + adapter
-    pock-eval --model merged/ --tasks path/to/rows.json,path/to/rows.json:gen             # any instruction-row file
+    pock-eval --model merged/ --tasks mine.json,mine.json:gen,sums.jsonl,notes.json     # any data file, by path
     pock-eval --adapter out/adapter --tasks mt_bench --judge http://127.0.0.1:8000/v1 --judge-model NAME
 
 Systems: every --model alone, then the first --model with each --adapter; the first system is the baseline that the
 others are compared with (paired bootstrap CI of the difference) and judged against. Tasks: shipped names
-(`--list-tasks`), spec files (.yaml), or data files in the instruction-row shape (.json/.jsonl; `:gen` scores
-generated answers instead of option log-likelihoods). Shipped specs read data relative to --data-dir.
+(`--list-tasks`), spec files (.yaml), or data files (.json/.jsonl), scored as their rows show: options listed in any
+common layout (an `Answer format: a/b` line, `Option1: ..` / `Answer1: ..` labels, lettered `A) ..`, an `options` /
+`choices` list) by option log-likelihood, a numeric `answer` by the final number of a generated solution, a
+reference text by ROUGE-L and token F1; `:mc`, `:gen` (the option a generated reply names), `:math` or `:text` after
+the path forces a kind. Shipped specs read data relative to --data-dir.
 
 Mistakes (bad spec or data, missing file) print one message naming the file, line and field and exit with status 2;
 `--debug` shows the traceback.
@@ -30,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", action="append", default=[], help="hub id, local path or 'default' (repeatable)")
     parser.add_argument("--adapter", action="append", default=[], help="PEFT adapter of the first model (repeatable)")
-    parser.add_argument("--tasks", help="comma-separated task names, spec files or data files")
+    parser.add_argument(
+        "--tasks", help="comma-separated task names, spec files or data files (data files take :mc :gen :math :text)"
+    )
     parser.add_argument("--list-tasks", action="store_true", help="list the shipped tasks and exit")
     parser.add_argument(
         "--data-dir",

@@ -55,7 +55,12 @@ def extract_choice(reply: str, choices: list[str]) -> str | None:
     ]
     if stated:
         return stated[-1]
-    named = [choice for choice, pattern in patterns.items() if pattern.search(reply)]
+    # a lettered option (`A`, `B`) is named only as a capital letter: "a" and "I" are words
+    named = [
+        choice
+        for choice, pattern in patterns.items()
+        if (re.compile(pattern.pattern) if _is_letter(choice) else pattern).search(reply)
+    ]
     return named[0] if len(named) == 1 else None
 
 
@@ -125,6 +130,10 @@ def _polarity(text: str) -> str | None:
     match = re.match(r"[a-z]+", text.lstrip(LEADING_NOISE).lower())
     word = match.group() if match else ""
     return "yes" if word in YES else "no" if word in NO else None
+
+
+def _is_letter(choice: str) -> bool:
+    return len(choice.strip()) == 1 and choice.strip().isupper()
 
 
 def _choice_pattern(choice: str) -> re.Pattern:

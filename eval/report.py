@@ -13,6 +13,11 @@ def _percent(value: float | None) -> str:
 
 
 def write_markdown(summary: dict, path: Path) -> Path:
+    """`markdown(summary)` written to `path`."""
+    return atomic_write_text(path, markdown(summary))
+
+
+def markdown(summary: dict) -> str:
     """Tables: each task's metrics per system, a row each, the headline first (%, with the 95% CI and seconds), the
     majority-class rate, then the differences from the baseline and the pairwise win rates."""
     systems = [system["label"] for system in summary["systems"]]
@@ -55,7 +60,7 @@ def write_markdown(summary: dict, path: Path) -> Path:
                 f"[{_percent(row['ci_low'])}, {_percent(row['ci_high'])}] | {row['wins']} / {row['losses']} / "
                 f"{row['ties']} | {row['missing']} |"
             )
-    return atomic_write_text(path, "\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def plot_comparison(summary: dict, path: Path) -> Path:

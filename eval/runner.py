@@ -30,7 +30,7 @@ from .judge import Judge, judge_pairs
 from .models import System, load_system
 from .prompts import render_prompt, select_shots
 from .scoring import loglikelihood
-from .spec import Task, resolve_task
+from .spec import Doc, Task, resolve_task
 from .stats import majority_rate, mean_ci, paired_difference_ci
 from .text_metrics import REFERENCE_METRICS
 
@@ -135,16 +135,11 @@ def run_evaluation(
         ValueError: no systems, duplicate task names, or a pairwise task without a judge (and spec/data errors from
             `resolve_task`).
     """
-    from .report import plot_comparison, write_markdown
-
     settings = settings or Settings()
     output = Path(output)
     if not systems:
         raise ValueError("Give at least one system (model, or model + adapter) to evaluate.")
-    tasks = [resolve_task(name, data_dir, limit=settings.limit) for name in task_names]
-    names = [task.name for task in tasks]
-    if len(set(names)) != len(names):
-        raise ValueError(f"Two tasks have the same name: {names}; give each once.")
+    tasks = resolve_tasks(task_names, data_dir, limit=settings.limit)
     if make_judge is None and any(task.spec.output_type == "pairwise" for task in tasks):
         raise ValueError("Pairwise tasks need a judge (--judge URL or model).")
     load = load or (lambda system: load_system(system, device=settings.device, dtype=settings.dtype))
@@ -160,13 +155,45 @@ def run_evaluation(
             started = time.perf_counter()
             records[system.label][task.name] = evaluate_task(model, tokenizer, task, settings)
             seconds[system.label][task.name] = time.perf_counter() - started
-            _write_records(output, system.label, task.name, records[system.label][task.name])
+            write_records(output, system.label, task.name, records[system.label][task.name])
         del model
 
     pairwise = []
     if any(task.spec.output_type == "pairwise" for task in tasks):
         pairwise = _judge_all(make_judge(), systems, tasks, records, settings, output)
+    summary = summarize_run(systems, tasks, records, seconds, settings, data_dir=data_dir, pairwise=pairwise)
+    write_summary(summary, output)
+    return summary
 
+
+def resolve_tasks(
+    task_names: Sequence[str], data_dir: str | os.PathLike | None = None, *, limit: int | None = None
+) -> list[Task]:
+    """Every named task, specs and data read and validated (see `spec.resolve_task`).
+
+    Raises:
+        ValueError: two tasks have the same name (and spec/data errors from `resolve_task`).
+    """
+    tasks = [resolve_task(name, data_dir, limit=limit) for name in task_names]
+    names = [task.name for task in tasks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Two tasks have the same name: {names}; give each once.")
+    return tasks
+
+
+def summarize_run(
+    systems: Sequence[System],
+    tasks: Sequence[Task],
+    records: dict[str, dict[str, list[dict]]],
+    seconds: dict[str, dict[str, float]],
+    settings: Settings,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    pairwise: list[dict] | None = None,
+) -> dict:
+    """The summary that `summary.json` holds, from each system's per-task records (`records[label][task]`) and
+    seconds: metrics with CIs per system and task, each later system's paired difference from the first, the
+    judged win rates `pairwise`."""
     results = {
         system.label: {
             task.name: summarize(records[system.label][task.name], task.spec.metrics, settings)
@@ -189,17 +216,24 @@ def run_evaluation(
         "tasks": {task.name: _task_info(task) for task in tasks},
         "results": results,
         "comparisons": _compare(systems, tasks, records, settings),
-        "pairwise": pairwise,
+        "pairwise": pairwise or [],
     }
+    return summary
+
+
+def write_summary(summary: dict, output: str | os.PathLike) -> None:
+    """`summary.json`, `summary.md` and `comparison.png` in `output`."""
+    from .report import plot_comparison, write_markdown
+
+    output = Path(output)
     atomic_write_text(output / "summary.json", json.dumps(summary, indent=2) + "\n")
     write_markdown(summary, output / "summary.md")
     plot_comparison(summary, output / "comparison.png")
-    return summary
 
 
 def _task_info(task: Task) -> dict:
     spec = task.spec
-    labels = [doc.target for doc in task.docs if doc.target is not None]
+    labels = [_gold_class(doc) for doc in task.docs if doc.target is not None]
     has_labels = spec.answer_type in ("choice", "yes_no") and spec.output_type in ("multiple_choice", "generate_until")
     return {
         "source": spec.source,
@@ -208,8 +242,16 @@ def _task_info(task: Task) -> dict:
         "metrics": spec.metrics,
         "n": len(task.docs),
         # the accuracy of always giving the most common answer: an accuracy near it means no skill
-        "majority_rate": majority_rate([label.lower() for label in labels]) if has_labels else None,
+        "majority_rate": majority_rate(labels) if has_labels else None,
     }
+
+
+def _gold_class(doc: Doc) -> str:
+    """The class the majority rate counts: the gold option's position among the options (options scored by their text
+    differ from row to row, their positions do not), else the gold label."""
+    if doc.choices and doc.target in doc.choices:
+        return str(doc.choices.index(doc.target))
+    return doc.target.lower()
 
 
 def _compare(systems: Sequence[System], tasks: Sequence[Task], records: dict, settings: Settings) -> list[dict]:
@@ -271,7 +313,7 @@ def _judge_all(judge: Judge, systems, tasks, records, settings: Settings, output
                     "verdict_baseline_first": outcome.verdict_baseline_first,
                     "missing_reason": outcome.missing_reason,
                 }
-            _write_records(output, system.label, task.name, task_records)
+            write_records(output, system.label, task.name, task_records)
             scores = [outcome.score for outcome in outcomes]
             valid = [score for score in scores if score is not None]
             value, low, high = mean_ci(valid, resamples=settings.resamples, seed=settings.seed)
@@ -298,6 +340,8 @@ def slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]+", "_", label).strip("_") or "system"
 
 
-def _write_records(output: Path, label: str, task: str, records: list[dict]) -> None:
+def write_records(output: str | os.PathLike, label: str, task: str, records: list[dict]) -> None:
+    """`<output>/<system>/<task>.jsonl`: one record per line."""
+    output = Path(output)
     lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
     atomic_write_text(output / slug(label) / f"{slug(task)}.jsonl", lines)

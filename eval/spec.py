@@ -7,7 +7,7 @@ A spec (the shipped ones are in `pock_eval/tasks/*.yaml`; a new one is a few lin
     data: commonsense/boolq/test.json          # or a list; relative to the data dir (--data-dir / $POCK_EVAL_DATA)
     fewshot_data: commonsense/boolq/train.json # rows few-shot examples are drawn from (default: the other test rows)
     output_type: multiple_choice               # multiple_choice | generate_until | reference | pairwise
-    doc_to_choice: answer_format               # the options: `answer_format`, a list, or a field holding a list
+    doc_to_choice: answer_format               # the options: `auto`, `answer_format`, a list, or a list field
     doc_to_target: "{answer}"                  # the gold answer (a template over the row's fields)
     answer_template: "the correct answer is {}"  # how the model should say an answer
 
@@ -17,8 +17,9 @@ in `FIELDS` with its meaning. Templates are Python format strings over a row's f
 `{turns[0]}`); without `doc_to_text`, a row's prompt is its `instruction`, plus a blank line and its `input` when that
 is not empty: the convention `pock_hf.data` trains with.
 
-A data file in the instruction-row shape (`instruction` ending in an `Answer format: a/b/...` line, `output`,
-`answer`) needs no spec: `instruction_row_spec` builds one (log-likelihood; `generate_until` on request).
+A data file needs no spec: `data_file_spec` reads its rows and scores them as multiple choice (options listed in any
+layout of `pock_eval.layouts`), maths (a numeric `answer`) or free text (a reference `output`); a `:mc`, `:gen`,
+`:math` or `:text` suffix on its path forces the kind.
 
 Every problem is an `EvalDataError` (a `ValueError`) whose message names the file, the line and the field.
 """
@@ -34,7 +35,9 @@ from pathlib import Path
 
 import yaml
 
+from . import layouts
 from .datafiles import EvalDataError, Row, read_rows
+from .extract import extract_number
 
 OUTPUT_TYPES = ("multiple_choice", "generate_until", "reference", "pairwise")
 ANSWER_TYPES = ("choice", "yes_no", "number", "text")
@@ -45,7 +48,42 @@ METRICS = {
     "pairwise": ("win_rate",),
 }
 DATA_ENV = "POCK_EVAL_DATA"
-ANSWER_FORMAT = re.compile(r"^\s*Answer format:\s*(\S.*?)\s*$", re.IGNORECASE | re.MULTILINE)
+CHOICE_ANSWER = "the correct answer is {}"  # how the LLM-Adapters rows' `output` says an option
+# The spec of a data file scored as each kind (`name.json:<kind>` forces one; `gen` is the generated-answer form of
+# `mc`): what `data_file_spec` fills in besides the data, the name and the gold field.
+DATA_FILE_KINDS: dict[str, dict] = {
+    "mc": {
+        "description": "multiple choice, log-likelihood of each option",
+        "output_type": "multiple_choice",
+        "doc_to_choice": "auto",
+        "answer_type": "choice",
+        "answer_template": CHOICE_ANSWER,
+        "metrics": ["acc", "acc_norm"],
+    },
+    "gen": {
+        "description": "multiple choice, the option a generated reply names",
+        "output_type": "generate_until",
+        "doc_to_choice": "auto",
+        "answer_type": "choice",
+        "answer_template": CHOICE_ANSWER,
+        "metrics": ["acc"],
+        "max_new_tokens": 32,
+    },
+    "math": {
+        "description": "the final number of a generated solution",
+        "output_type": "generate_until",
+        "answer_type": "number",
+        "metrics": ["acc"],
+        "max_new_tokens": 256,
+    },
+    "text": {
+        "description": "a generated answer against the reference, ROUGE-L and token F1",
+        "output_type": "reference",
+        "answer_type": "text",
+        "metrics": ["rouge_l", "token_f1"],
+        "max_new_tokens": 128,
+    },
+}
 
 # key -> (accepted Python types, meaning). The spec schema in one place: validation and `--help` read it.
 FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
@@ -58,13 +96,24 @@ FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "rows": ((list,), "[start, end] slice of the rows (either may be null), e.g. held-out rows"),
     "fewshot_data": ((str, list), "file(s) few-shot examples are drawn from (default: the other evaluated rows)"),
     "output_type": ((str,), f"one of {OUTPUT_TYPES}"),
-    "doc_to_text": ((str,), "the prompt, a template over row fields (default: instruction [+ blank line + input])"),
+    "doc_to_text": (
+        (str,),
+        "the prompt, a template over row fields (default: instruction [+ blank line + input], or the question field)",
+    ),
     "doc_to_target": ((str,), "the gold answer or reference text, a template over row fields"),
-    "doc_to_choice": ((str, list), "`answer_format` (the row's 'Answer format: a/b' line), a list, or a field name"),
+    "doc_to_choice": (
+        (str, list),
+        (
+            "`auto` (the options in any layout pock_eval.layouts reads), `answer_format` (the row's 'Answer format: "
+            "a/b' line), a list, or a field name"
+        ),
+    ),
     "answer_template": (
         (str,),
-        "how an answer is said, `{}` standing for it: the scored continuation of a "
-        "multiple-choice option and the reply of a few-shot example",
+        (
+            "how an answer is said, `{}` standing for it: the scored continuation of a "
+            "multiple-choice option and the reply of a few-shot example"
+        ),
     ),
     "answer_type": ((str,), f"how a generated answer is extracted, one of {ANSWER_TYPES}"),
     "tolerance": ((int, float), "absolute tolerance of numeric answers"),
@@ -152,8 +201,8 @@ def shipped_tasks() -> dict[str, Path]:
 
 
 def resolve_task(name: str, data_dir: str | os.PathLike | None = None, limit: int | None = None) -> Task:
-    """The task named by `name`: a shipped task name, a spec file (`.yaml`), or a data file in the instruction-row shape
-    (`.json`/`.jsonl`; append `:gen` to score generated answers instead of option log-likelihoods).
+    """The task named by `name`: a shipped task name, a spec file (`.yaml`), or a data file (`.json`/`.jsonl`, scored
+    as its rows show; append `:mc`, `:gen`, `:math` or `:text` to force a kind, see `data_file_spec`).
 
     `limit` keeps the first N rows (after the spec's `rows` slice).
 
@@ -162,18 +211,24 @@ def resolve_task(name: str, data_dir: str | os.PathLike | None = None, limit: in
         EvalDataError: unknown name, malformed spec or data; the message names the file, line and field.
     """
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
-    base, _, variant = name.rpartition(":") if name.endswith((":gen", ":mc")) else (name, "", "")
+    base, _, kind = name.rpartition(":")
+    if kind not in DATA_FILE_KINDS:
+        base, kind = name, None
+    if base.endswith((".json", ".jsonl")):
+        return build_task(data_file_spec(base, kind), Path("."), limit=limit)
+    if kind is not None:
+        raise EvalDataError(
+            f"Task {name!r}: a ':{kind}' suffix chooses how a data file (.json/.jsonl) is scored; a shipped task or "
+            "spec states it in its spec (e.g. boolq_gen)."
+        )
     if base.endswith((".yaml", ".yml")):
         spec = load_spec(base)
     elif base in shipped_tasks():
         spec = load_spec(shipped_tasks()[base])
-    elif base.endswith((".json", ".jsonl")):
-        spec = instruction_row_spec(base, generate=variant == "gen")
-        data_dir = Path(".")
     else:
         raise EvalDataError(
             f"Unknown task {name!r}: give a shipped task ({', '.join(sorted(shipped_tasks()))}), a spec file (.yaml) "
-            "or a data file in the instruction-row shape (.json/.jsonl)."
+            "or a data file (.json/.jsonl)."
         )
     return build_task(spec, data_dir, limit=limit)
 
@@ -288,23 +343,45 @@ def _as_list(value: str | list) -> list[str]:
     return [value] if isinstance(value, str) else [str(item) for item in value]
 
 
-def instruction_row_spec(path: str | os.PathLike, *, generate: bool = False) -> TaskSpec:
-    """The spec of a data file in the instruction-row shape: options from each row's `Answer format:` line, gold from
-    `answer`, spoken as `the correct answer is X` (the shape of the rows' `output`)."""
+def data_file_spec(path: str | os.PathLike, kind: str | None = None) -> TaskSpec:
+    """The spec of a data file: its rows are scored as the kind of `pock_eval.layouts.KINDS` they fit (`mc`, `math` or
+    `text`), or as `kind` when given (`gen`: the generated-answer form of a multiple-choice file; on other files the
+    same as theirs). Spoken answers follow the LLM-Adapters rows: `the correct answer is X`.
+
+    Raises:
+        EvalDataError: no row fits any kind (names the first row and what was expected); malformed JSON.
+    """
     path = Path(path)
+    rows = read_rows(path)  # read again by `build_task`, the one path from any spec to docs (small files: cheap)
+    data = [row.data for row in rows]
+    scoring = kind
+    if kind in (None, "gen"):
+        inferred = layouts.infer_kind(data)
+        if inferred is None:
+            raise EvalDataError(
+                f"{rows[0].where}: cannot tell how to score this row: expected {layouts.DESCRIBE}; fields present: "
+                f"{sorted(rows[0].data)}. Force a kind with :mc, :math or :text, or write a task spec."
+            )
+        scoring = "gen" if kind == "gen" and inferred == "mc" else inferred
+    # the gold field: rows that lack it get an error naming them when their docs are made
+    if scoring == "text":
+        present = {layouts.reference_field(row) for row in data}
+        gold = next((name for name in layouts.REFERENCE_FIELDS if name in present), "output")
+    elif scoring == "math":
+        gold = "answer"
+    else:
+        gold = next((name for name in layouts.GOLD_FIELDS if any(name in row for row in data)), "answer")
     # `boolq/test.json` -> "boolq-test": a bare split name would not tell two files apart in a report
     name = f"{path.parent.name}-{path.stem}" if path.stem in ("test", "train", "dev", "validation") else path.stem
+    fields = dict(DATA_FILE_KINDS[scoring])
+    how = f"forced by :{kind}" if kind else "inferred from the rows"
     return TaskSpec(
-        name=name + ("_gen" if generate else ""),
+        name=name + (f"_{kind}" if kind else ""),  # the suffix asked for: `rows.json` and `rows.json:gen` both run
         source=str(path),
-        output_type="generate_until" if generate else "multiple_choice",
         data=[str(path)],
-        doc_to_target="{answer}",
-        doc_to_choice="answer_format",
-        answer_template="the correct answer is {}",
-        answer_type="choice",
-        metrics=["acc"] if generate else ["acc", "acc_norm"],
-        max_new_tokens=32,
+        doc_to_target=f"{{{gold}}}",
+        description=f"{path.name}: {fields.pop('description')} ({how})",
+        **fields,
     )
 
 
@@ -360,29 +437,46 @@ def make_doc(spec: TaskSpec, row: Row, index: int) -> Doc:
     """The `Doc` of one row under `spec`.
 
     Raises:
-        EvalDataError: a field the templates use is missing or empty, the `Answer format:` line is missing, or the
-            gold answer of a choice task is not one of the options; the message names file, line and field.
+        EvalDataError: the row has no prompt, a field the templates use is missing or empty, it lists no options for
+            a choice task or its gold answer is not one of them, or the gold answer of a numeric task holds no
+            number; the message names file, line and field.
     """
-    if spec.doc_to_text is None:
-        instruction = _field(row, "instruction")
-        extra = row.data.get("input")
-        text = instruction + (f"\n\n{extra}" if isinstance(extra, str) and extra.strip() else "")
-    else:
-        text = _fill(spec.doc_to_text, row)
+    prompt_field, text = _prompt(spec, row)
     target = _fill(spec.doc_to_target, row) if spec.doc_to_target is not None else None
-    choices = _choices(spec.doc_to_choice, row) if spec.doc_to_choice is not None else None
-    if choices is not None and spec.answer_type == "choice" and target not in choices:
-        field_name = _template_fields(spec.doc_to_target)[0] if spec.doc_to_target else "answer"
-        raise row.error(field_name, f"gold answer {target!r} is not one of the options {choices}")
+    gold_field = _template_fields(spec.doc_to_target)[0] if spec.doc_to_target else "answer"
+    choices = None
+    if spec.doc_to_choice == "auto":
+        options = layouts.find_options(row.data, text)
+        if options is None:
+            raise row.error(prompt_field, f"lists no options; expected {layouts.OPTION_LAYOUTS}")
+        resolved = layouts.gold_choice(options, target)
+        if resolved is None:
+            texts = f" or their texts {options.texts}" if options.texts else ""
+            raise row.error(gold_field, f"gold answer {target!r} is not one of the options {options.labels}{texts}")
+        choices, target = resolved
+        if options.layout == "field":  # the model must see options that only a field lists
+            text = f"{text}\n\n{layouts.listed(options)}"
+    elif spec.doc_to_choice is not None:
+        choices = _choices(spec.doc_to_choice, row, prompt_field, text)
+        if spec.answer_type == "choice" and target not in choices:
+            raise row.error(gold_field, f"gold answer {target!r} is not one of the options {choices}")
+    if spec.answer_type == "number" and target is not None and extract_number(target) is None:
+        raise row.error(gold_field, f"expected a number (the gold answer of a numeric task), got {target!r}")
     return Doc(index=index, text=text, target=target, choices=choices, row=row)
 
 
-def _field(row: Row, name: str) -> str:
-    value = row.data.get(name)
-    if not isinstance(value, str) or not value.strip():
-        problem = "missing" if value is None else f"must be a non-empty string, got {value!r}"
-        raise row.error(name, f"{problem} (fields present: {sorted(row.data)})")
-    return value
+def _prompt(spec: TaskSpec, row: Row) -> tuple[str, str]:
+    """`(field, text)`: the row's prompt and the field errors about it name."""
+    if spec.doc_to_text is not None:
+        names = _template_fields(spec.doc_to_text)
+        return (names[0] if names else "doc_to_text"), _fill(spec.doc_to_text, row)
+    prompt = layouts.prompt_of(row.data)
+    if prompt is None:
+        expected = ", ".join(repr(name) for name in layouts.PROMPT_FIELDS)
+        raise row.error(
+            "instruction", f"missing: the prompt is the first of {expected} (fields present: {sorted(row.data)})"
+        )
+    return prompt
 
 
 def _template_fields(template: str) -> list[str]:
@@ -401,14 +495,14 @@ def _fill(template: str, row: Row) -> str:
         raise row.error(_template_fields(template)[0], f"cannot fill the template {template!r}: {error!r}") from None
 
 
-def _choices(rule: str | list, row: Row) -> list[str]:
+def _choices(rule: str | list, row: Row, prompt_field: str, text: str) -> list[str]:
     if isinstance(rule, list):
         return [str(choice) for choice in rule]
     if rule == "answer_format":
-        match = ANSWER_FORMAT.search(_field(row, "instruction"))
-        if match is None:
-            raise row.error("instruction", "has no 'Answer format: a/b/...' line listing the options")
-        return [choice.strip() for choice in match.group(1).split("/") if choice.strip()]
+        labels = layouts.answer_format_labels(text)
+        if labels is None:
+            raise row.error(prompt_field, "has no 'Answer format: a/b/...' line listing the options")
+        return labels
     value = row.data.get(rule)
     if not isinstance(value, list) or not value:
         raise row.error(rule, f"must be a non-empty list of options, got {value!r}")

@@ -11,7 +11,7 @@ before any model is loaded. Relative input paths are read relative to the workin
     lora:   {r, alpha, dropout, target_modules}
     budget: {device, memory_mb, time_ratio}
     train:  {steps, batch_size, micro_batch_size, lr, schedule, ..., checkpoint_every, resume_from_checkpoint}
-    eval:   {heldout_loss, personal}
+    eval:   {heldout_loss, personal, tasks, limit, data_dir}
     output: {dir, adapter, checkpoints, logs}
 """
 
@@ -34,6 +34,7 @@ MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 MEASURE_METHODS = ("proxy", "measured")
 PERSONAL_DATA = "personal"  # `data.train` value for the generated personalisation data (`personal:<profile>` too)
 DATA_SUFFIXES = (".json", ".jsonl")
+TASK_FILE_SUFFIXES = (*DATA_SUFFIXES, ".yaml", ".yml")  # pock-eval task specs and data files
 
 
 class RecipeConfigError(ValueError):
@@ -171,10 +172,16 @@ class TrainSection:
 @dataclass
 class EvalSection:
     """`heldout_loss`: loss per labelled token on the held-out rows, before and after. `personal`: held-out fact recall
-    and general-answer retention of the personalisation data (needs `data.train: personal`)."""
+    and general-answer retention of the personalisation data (needs `data.train: personal`). `tasks`: pock-eval tasks
+    run on the base and the tuned model (shipped task names, `.yaml` specs, or `.json`/`.jsonl` data files scored as
+    their rows show, `:mc` / `:gen` / `:math` / `:text` to force a kind), their first `limit` rows each; shipped specs
+    read their data from `data_dir` (default `$POCK_EVAL_DATA`, else `../shared/data`)."""
 
     heldout_loss: bool = True
     personal: bool = False
+    tasks: list[str] = field(default_factory=list)
+    limit: int | None = None
+    data_dir: str | None = None
 
 
 @dataclass
@@ -342,6 +349,20 @@ def check_output_subpath(value: str, key: str, source: str = "config") -> None:
         )
 
 
+def _check_eval_tasks(section: EvalSection, source: str) -> None:
+    """Names and files of `eval.tasks`; their specs and rows are read by the recipe before the model loads."""
+    for index, name in enumerate(section.tasks):
+        if not name.strip():
+            raise RecipeConfigError(f"{source}: eval.tasks[{index}] is empty; give a task name, spec or data file")
+        forced = name.rpartition(":")[0]  # `rows.json:gen` forces how a data file is scored
+        path = forced if forced.endswith(TASK_FILE_SUFFIXES) else name
+        if path.endswith(TASK_FILE_SUFFIXES):
+            _input_file(path, f"eval.tasks[{index}]")
+    _positive(section.limit, "eval.limit", source)
+    if section.data_dir is not None and not Path(section.data_dir).is_dir():
+        raise FileNotFoundError(f"eval.data_dir: folder not found: {section.data_dir}")
+
+
 def validate(config: RecipeConfig, source: str = "config") -> None:
     """Check values and combinations that need no model; see `load_recipe_config` for what is raised."""
     from .planning.costs import DEVICE_BUDGETS_MB  # lazy: costs imports torch-heavy modules
@@ -365,6 +386,7 @@ def validate(config: RecipeConfig, source: str = "config") -> None:
         raise RecipeConfigError(f"{source}: data.self_replay needs data.train: {personal}")
     if config.eval.personal and not is_personal_data(data.train):
         raise RecipeConfigError(f"{source}: eval.personal needs data.train: {personal}")
+    _check_eval_tasks(config.eval, source)
     if config.method == "pock":
         if pock.source() is None:
             raise RecipeConfigError(
@@ -391,12 +413,12 @@ def validate(config: RecipeConfig, source: str = "config") -> None:
         _choice(pock.quantize_frozen, ("int8", "nf4", None), "pock.quantize_frozen", source)
         if not 0 < pock.ratio <= 1:
             raise RecipeConfigError(f"{source}: pock.ratio must be in (0, 1], got {pock.ratio}")
-        if pock.source() in ("table", "measure") and budget.device is None and budget.memory_mb is None:
-            if budget.time_ratio is None:
-                raise RecipeConfigError(
-                    f"{source}: pock.{pock.source()} plans a scheme under a budget: set budget.device, "
-                    "budget.memory_mb or budget.time_ratio"
-                )
+        unbudgeted = budget.device is None and budget.memory_mb is None and budget.time_ratio is None
+        if pock.source() in ("table", "measure") and unbudgeted:
+            raise RecipeConfigError(
+                f"{source}: pock.{pock.source()} plans a scheme under a budget: set budget.device, "
+                "budget.memory_mb or budget.time_ratio"
+            )
     if budget.device is not None:
         _choice(budget.device, sorted(DEVICE_BUDGETS_MB), "budget.device", source)
     _positive(budget.memory_mb, "budget.memory_mb", source)

@@ -8,7 +8,8 @@
 
 The sequence: setup (accelerator, model, data) -> plan (the Pock scheme, checked against the memory budget) ->
 train (checkpoints every `train.checkpoint_every` steps; `train.resume_from_checkpoint=latest` continues exactly)
--> save (adapter, report, plots) -> evaluate (held-out loss; fact recall and retention for the personal data).
+-> save (adapter, report, plots) -> evaluate (held-out loss; fact recall and retention for the personal data; the
+pock-eval tasks of `eval.tasks`, base model against tuned model, with paired confidence intervals).
 `--dry-run` stops after the plan and never loads weights: the model is built on the meta device from its
 architecture (`recipes/architectures.yaml`), so configs for hardware this machine lacks can be checked here.
 `method: lora | full` runs the baselines through the same data, loop and evaluation. Config keys: see
@@ -32,6 +33,10 @@ import yaml
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType
 from peft import LoraConfig, PeftModel, get_peft_model
+from pock_eval.models import System, make_systems
+from pock_eval.report import markdown
+from pock_eval.runner import Settings, evaluate_task, resolve_tasks, summarize_run, write_records, write_summary
+from pock_eval.spec import Task
 from tqdm.auto import tqdm
 
 from pock_hf import PockConfig, PrefixCache, get_pock_model, make_plan, measure_sensitivity, profile_costs
@@ -369,6 +374,28 @@ def estimate_for(config: RecipeConfig, model, cut_layer: int, batch: int, seq_le
     )
 
 
+def eval_tasks(config: RecipeConfig) -> list[Task]:
+    """The pock-eval tasks of `eval.tasks`, their specs and rows read and checked, so a bad one stops the run before
+    any model loads.
+
+    Raises:
+        RecipeConfigError: a pairwise task (it needs a judge model).
+        EvalDataError, FileNotFoundError: pock-eval's errors about the specs and data (file, line, field), prefixed
+            with `eval.tasks`.
+    """
+    try:
+        tasks = resolve_tasks(config.eval.tasks, config.eval.data_dir, limit=config.eval.limit)
+    except (ValueError, FileNotFoundError) as error:
+        raise type(error)(f"eval.tasks: {error}") from None
+    judged = [task.name for task in tasks if task.spec.output_type == "pairwise"]
+    if judged:
+        raise RecipeConfigError(
+            f"eval.tasks: {judged} are judged pairwise, which needs a judge model; after the run use "
+            f"`pock-eval --adapter {config.output.path('adapter')} --tasks {','.join(judged)} --judge ...`"
+        )
+    return tasks
+
+
 # --- dry run ---------------------------------------------------------------------------------------------------------
 
 
@@ -426,6 +453,9 @@ def dry_run(config: RecipeConfig) -> dict:
         print(f"Note: {plan_note}.")
     print_summary(summary, estimate, budget_mb(config))
     check_memory(config, estimate)
+    tasks = eval_tasks(config)
+    if tasks:
+        print(f"Evaluates base and tuned model on: {', '.join(f'{t.name} ({len(t.docs)} rows)' for t in tasks)}")
     return {**summary, "memory": dataclasses.asdict(estimate), "predicted_memory_mb": estimate.total_mb}
 
 
@@ -473,6 +503,10 @@ class FinetuneRecipe:
             "after": {},
         }
         self.losses: list[float] = []
+        # pock-eval: the tasks, and each one's per-example records and seconds on the base ("before") and tuned model
+        self.eval_tasks: list[Task] = []
+        self.eval_runs: dict[str, tuple[dict[str, list[dict]], dict[str, float]]] = {}
+        self.eval_markdown = ""
         # (training, validation, replay) examples of the sensitivity measurement, for the measured schemes
         self.measurement_rows: tuple[list, list, list | None] | None = None
 
@@ -487,6 +521,7 @@ class FinetuneRecipe:
         started = time.perf_counter()
         self.output.mkdir(parents=True, exist_ok=True)
         self.checkpoint = self.find_checkpoint()
+        self.eval_tasks = eval_tasks(config)
         self.model, self.tokenizer = load_model_and_tokenizer(
             config.model.name, dtype=getattr(torch, config.model.dtype)
         )
@@ -588,7 +623,9 @@ class FinetuneRecipe:
         costs.check_model(self.model)
         if measured and pock.measure_schemes:
             steps = scheme_steps(config)
-            self.log(f"Training {pock.measure_schemes} schemes of growing size ({steps} steps each) for the gain model")
+            self.log(
+                f"Training {pock.measure_schemes} schemes of growing size ({steps} steps each) for the gain model"
+            )
             table = measure_schemes(
                 self.model,
                 self.tokenizer,
@@ -819,6 +856,54 @@ class FinetuneRecipe:
         if config.eval.personal:
             self.log(f"Asking the {'base' if when == 'before' else 'tuned'} model the held-out questions ...")
             results.update(evaluate_personal(model, self.tokenizer, self.data.personal))
+        if self.eval_tasks:
+            # every process evaluates, as for the held-out loss (same numbers: greedy, no sampling); the main one writes
+            self.log(f"pock-eval on the {'base' if when == 'before' else 'tuned'} model ...")
+            model.eval()  # dropout off; training turns it back on
+            records, seconds = {}, {}
+            for task in self.eval_tasks:
+                started = time.perf_counter()
+                records[task.name] = evaluate_task(model, self.tokenizer, task, self.eval_settings())
+                seconds[task.name] = time.perf_counter() - started
+            self.eval_runs[when] = records, seconds
+            if when == "after":
+                self.compare_eval_tasks()
+
+    def eval_settings(self) -> Settings:
+        config = self.config
+        return Settings(
+            limit=config.eval.limit,
+            seed=config.train.seed,
+            device=str(self.accelerator.device),
+            dtype=config.model.dtype,
+            progress=self.is_main,
+        )
+
+    def compare_eval_tasks(self) -> None:
+        """The pock-eval results of the base and the tuned model side by side, as `pock-eval --model M --adapter
+        <output>/adapter` would give them: metrics with 95% CIs under report["before"]["eval"] and ["after"]["eval"],
+        the paired differences under report["eval"], pock-eval's files in `<output>/eval/`."""
+        config = self.config
+        base = make_systems([config.model.name], [])[0]
+        adapter = str(config.output.path("adapter"))
+        label = f"{base.label}+{config.method}"
+        # the full fine-tune is a whole model of its own; the others are adapters over the base
+        tuned = System(label, adapter) if config.method == "full" else System(label, base.model, adapter)
+        records = {base.label: self.eval_runs["before"][0], tuned.label: self.eval_runs["after"][0]}
+        seconds = {base.label: self.eval_runs["before"][1], tuned.label: self.eval_runs["after"][1]}
+        summary = summarize_run(
+            [base, tuned], self.eval_tasks, records, seconds, self.eval_settings(), data_dir=config.eval.data_dir
+        )
+        self.report["before"]["eval"] = summary["results"][base.label]
+        self.report["after"]["eval"] = summary["results"][tuned.label]
+        self.report["eval"] = {key: summary[key] for key in ("tasks", "comparisons", "settings", "systems")}
+        self.eval_markdown = markdown(summary)
+        if self.is_main:
+            folder = self.output / "eval"
+            for system in (base, tuned):
+                for name, task_records in records[system.label].items():
+                    write_records(folder, system.label, name, task_records)
+            write_summary(summary, folder)
 
     def finish(self, started: float) -> None:
         self.report["total_seconds"] = time.perf_counter() - started
@@ -830,6 +915,9 @@ class FinetuneRecipe:
             return
         atomic_write_text(self.output / "report.json", json.dumps(self.report, indent=1) + "\n")
         print(summary_table(self.report["before"], self.report["after"], self.config.method))
+        if self.eval_markdown:
+            print(f"\npock-eval, base model and + {self.config.method} (files in {self.output / 'eval'}/):\n")
+            print(self.eval_markdown)
         losses = self.losses
         print(
             f"Trained {self.report['summary']['trainable_params']:,} parameters for {self.config.train.steps} steps "

@@ -27,6 +27,8 @@ CHOICE_CASES = [
     ("SOLUTION2, because paper is absorbent", PIQA, "solution2"),
     ("the correct answer is true", ["true", "false"], "true"),
     ("False. It is not true that ...", ["true", "false"], None),  # two options named, none stated
+    ("B. carbon dioxide, a gas", list("ABCD"), "B"),  # lettered options: the article "a" is not option A
+    ("the answer is c", list("ABCD"), "C"),  # a stated letter in any case
 ]
 
 

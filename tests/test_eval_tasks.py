@@ -57,7 +57,7 @@ def test_instruction_row_file_by_path(tmp_path):
     ("row_change", "message"),
     [
         ({"answer": "answer9"}, r"line 8: field 'answer': gold answer 'answer9' is not one of the options"),
-        ({"instruction": "Which colour?"}, r"line 8: field 'instruction': has no 'Answer format: a/b/...' line"),
+        ({"instruction": "Which colour?"}, r"line 8: field 'instruction': lists no options; expected options \(an"),
         ({"answer": None}, r"line 8: field 'answer': missing"),
     ],
 )
@@ -171,7 +171,8 @@ def test_runner_end_to_end_on_tiny_models(tmp_path):
         json.loads((tmp_path / "a" / "SmolLM2-135M-Instruct+adapter" / "mine_gen.jsonl").open().readline())
     )
     markdown = (tmp_path / "a" / "summary.md").read_text()
-    assert "| mine | 6 | acc |" in markdown and "| mine | 6 | acc_norm |" in markdown  # every metric, not only the JSON
+    # every metric, not only the JSON
+    assert "| mine | 6 | acc |" in markdown and "| mine | 6 | acc_norm |" in markdown
     assert (tmp_path / "a" / "comparison.png").stat().st_size > 1000
     # deterministic: the same command gives the same numbers
     again = run_evaluation(systems, tasks, output=tmp_path / "b", settings=settings, load=tiny_loader)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -124,6 +125,63 @@ def test_personalises_on_a_users_own_profile_file(run, tiny_model, tmp_path):
     assert {row["answer"] for row in heldout} == {"Zorblat0", "Zorblat1"}  # one held-out phrasing per fact
 
 
+def test_eval_tasks_score_the_base_and_the_tuned_model(run, tiny_model, tmp_path, capsys):
+    # a choice file in WinoGrande's inline layout and a maths file: the recipe runs pock-eval on both, before and after
+    choice = tmp_path / "blanks.jsonl"
+    rows = [
+        {
+            "instruction": f"Tom lent his bike {i} to Ben because _ needed it.\n\nOption1: Tom Option2: Ben "
+            "Answer format: option1/option2",
+            "answer": f"option{i % 2 + 1}",
+        }
+        for i in range(6)
+    ]
+    choice.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    maths = tmp_path / "sums.json"
+    maths.write_text(json.dumps([{"instruction": f"What is {i} + 2?", "answer": str(i + 2)} for i in range(6)]))
+    output = tmp_path / "out"
+    config = write_config(
+        tmp_path / "c.yaml",
+        tiny_model,
+        write_rows(tmp_path / "rows.json"),
+        output,
+        eval={"tasks": [str(choice), str(maths)], "limit": 4},
+    )
+    assert run(config) == 0
+    report = read_report(output)
+    for when in ("before", "after"):
+        assert set(report[when]["eval"]) == {"blanks", "sums"} and report[when]["eval"]["blanks"]["n"] == 4
+        assert set(report[when]["eval"]["blanks"]["metrics"]) == {"acc", "acc_norm"}
+        assert "heldout_loss" in report[when]  # the recipe's own measures stay
+    comparisons = {row["task"]: row for row in report["eval"]["comparisons"]}
+    assert set(comparisons) == {"blanks", "sums"}
+    for row in comparisons.values():
+        assert row["ci_low"] <= row["difference"] <= row["ci_high"]
+    assert report["eval"]["systems"][1]["adapter"] == str(output / "adapter")
+    for name in ("summary.json", "summary.md", "comparison.png"):
+        assert (output / "eval" / name).is_file(), name
+    printed = capsys.readouterr().out
+    assert "pock-eval, base model and + pock" in printed and "| blanks | 4 | acc |" in printed
+    assert "system - baseline (points)" in printed
+
+
+def test_a_bad_eval_task_stops_the_run_before_the_model_loads(run, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"instruction": "Pick.\n\nAnswer format: a/b", "answer": "c"}]))
+    output = tmp_path / "out"
+    # the model folder does not exist: an error about it would mean the model loaded before the tasks were read
+    config = write_config(
+        tmp_path / "c.yaml",
+        tmp_path / "no-model",
+        write_rows(tmp_path / "rows.json"),
+        output,
+        eval={"tasks": [str(bad)]},
+    )
+    assert run(config) == 2
+    error = capsys.readouterr().err
+    assert "eval.tasks: " in error and "bad.json, line 1: field 'answer': gold answer 'c'" in error
+
+
 def test_optimizer_in_backward_gives_the_plain_loop_result(run, tiny_model, tmp_path):
     data = write_rows(tmp_path / "rows.json")
     adapters = []
@@ -220,7 +278,7 @@ def test_two_cpu_processes_under_accelerate_launch(method, tiny_model, tmp_path)
     finish(launch(config, processes=2))
     report = read_report(output)
     assert (report["num_processes"], report["distributed_type"]) == (2, "MULTI_CPU")
-    assert len(report["losses"]) == 4 and all(loss == loss for loss in report["losses"])  # no NaN
+    assert len(report["losses"]) == 4 and not any(math.isnan(loss) for loss in report["losses"])
     # 4 small steps need not lower the held-out loss for LoRA: check the result loads and changed the model
     assert_loadable_and_trained(method, tiny_model, output)
 

@@ -101,6 +101,9 @@ def test_missing_data_file_names_the_key_and_file(tmp_path):
         ("budget.device=gpu-24g", "budget.device is 'gpu-24g'.*did you mean 'gpu-24gb'"),
         ("train.optimizer_in_backward=true", "cannot clip"),
         ("eval.personal=true", "eval.personal needs data.train: personal"),
+        ("eval.tasks=[nowhere.jsonl:gen]", r"eval\.tasks\[0\]: file not found: nowhere\.jsonl"),
+        ("eval.tasks=['']", r"eval\.tasks\[0\] is empty"),
+        ("eval.limit=0", r"eval\.limit must be > 0"),
     ],
 )
 def test_bad_values_fail_naming_the_key(tmp_path, override, message):
