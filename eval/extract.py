@@ -56,11 +56,7 @@ def extract_choice(reply: str, choices: list[str]) -> str | None:
     if stated:
         return stated[-1]
     # a lettered option (`A`, `B`) is named only as a capital letter: "a" and "I" are words
-    named = [
-        choice
-        for choice, pattern in patterns.items()
-        if (re.compile(pattern.pattern) if _is_letter(choice) else pattern).search(reply)
-    ]
+    named = [choice for choice in choices if _choice_pattern(choice, ignore_case=not _is_letter(choice)).search(reply)]
     return named[0] if len(named) == 1 else None
 
 
@@ -136,8 +132,8 @@ def _is_letter(choice: str) -> bool:
     return len(choice.strip()) == 1 and choice.strip().isupper()
 
 
-def _choice_pattern(choice: str) -> re.Pattern:
-    """A whole-word, case-insensitive pattern for `choice` that lets `answer1` also be written `answer 1` or
-    `answer #1`."""
+def _choice_pattern(choice: str, ignore_case: bool = True) -> re.Pattern:
+    """A whole-word pattern for `choice` (case-insensitive unless told) that lets `answer1` also be written `answer 1`
+    or `answer #1`."""
     parts = [re.escape(part) for part in re.split(r"(?<=[A-Za-z])(?=\d)", choice.strip())]
-    return re.compile(r"(?<!\w)" + r"\s*#?\s*".join(parts) + r"(?!\w)", re.IGNORECASE)
+    return re.compile(r"(?<!\w)" + r"\s*#?\s*".join(parts) + r"(?!\w)", re.IGNORECASE if ignore_case else 0)

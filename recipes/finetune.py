@@ -857,13 +857,13 @@ class FinetuneRecipe:
             self.log(f"Asking the {'base' if when == 'before' else 'tuned'} model the held-out questions ...")
             results.update(evaluate_personal(model, self.tokenizer, self.data.personal))
         if self.eval_tasks:
-            # every process evaluates, as for the held-out loss (same numbers: greedy, no sampling); the main one writes
+            # every process evaluates, as for the held-out loss (greedy, same numbers); the main one writes
             self.log(f"pock-eval on the {'base' if when == 'before' else 'tuned'} model ...")
             model.eval()  # dropout off; training turns it back on
-            records, seconds = {}, {}
+            records, seconds, settings = {}, {}, self.eval_settings()
             for task in self.eval_tasks:
                 started = time.perf_counter()
-                records[task.name] = evaluate_task(model, self.tokenizer, task, self.eval_settings())
+                records[task.name] = evaluate_task(model, self.tokenizer, task, settings)
                 seconds[task.name] = time.perf_counter() - started
             self.eval_runs[when] = records, seconds
             if when == "after":
