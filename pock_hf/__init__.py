@@ -3,6 +3,10 @@
 Measure which layers and channels matter, update only those, and run no backward below the deepest updated layer.
 """
 
+from .log_filters import silence_bitsandbytes_kernel_notice
+
+silence_bitsandbytes_kernel_notice()  # before the imports below pull in peft, and with it bitsandbytes
+
 from .engine.optim_in_backward import OptimizerInBackward
 from .engine.prefix_cache import PrefixCache
 from .engine.trainer import PockTrainer

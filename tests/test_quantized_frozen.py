@@ -101,3 +101,42 @@ def test_training_changes_only_the_deltas_and_merging_keeps_the_outputs(kind, tm
     # merging quantizes the updated weights again (NF4 blocks span rows, so neighbours of updated rows move too):
     # the stated tolerance is that merging costs at most 1.5x what quantizing the base did
     assert (merged_logits - adapter_logits).abs().max() <= 1.5 * quantization_error
+
+
+def test_nf4_layers_stay_on_the_standard_layout_where_bitsandbytes_would_pack_them(monkeypatch):
+    """On CPUs with AVX512-BF16, bitsandbytes repacks an NF4 weight in place on the first no-grad eval forward, and
+    its packed layout cannot take this model's 32-wide inputs ("shape '[32, 0]' is invalid"). Simulate such a CPU
+    here, whatever this one has: the layers must never be packed, and evaluation must equal training's forward."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+
+    def refuse_packing(*args, **kwargs):
+        raise AssertionError("an NF4 layer was repacked into the CPU inference layout")
+
+    monkeypatch.setattr(bnb_modules, "_convert_weight_packed_for_cpu", refuse_packing)
+    model = quantized_model("nf4")
+    probe = tiny_batch(seed=7)["input_ids"]
+    with torch.no_grad():
+        training_logits = model.train()(input_ids=probe).logits
+        evaluation_logits = model.eval()(input_ids=probe).logits
+    torch.testing.assert_close(evaluation_logits, training_logits)
+    layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    assert layers and not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+
+
+def test_an_nf4_layer_packed_by_an_earlier_inference_forward_is_restored_before_pock_reads_it():
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    from pock_hf.tuner.quantize import keep_standard_layout, quantize_linear
+
+    layer = quantize_linear(nn.Linear(128, 64, bias=False), "nf4")
+    expected = frozen_weight(layer).clone()
+    # what bitsandbytes does on the first inference forward on an AVX512-BF16 CPU
+    layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu(
+        layer.weight.data, layer.weight.quant_state
+    )
+    keep_standard_layout(layer)
+    assert not layer.weight.quant_state.packing_format_for_cpu
+    # the packed layout rounded the block scales to bfloat16; nothing else changed
+    torch.testing.assert_close(frozen_weight(layer), expected, rtol=1e-2, atol=1e-3)

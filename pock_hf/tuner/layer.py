@@ -9,7 +9,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from .quantize import frozen_weight, set_frozen_weight
+from .quantize import frozen_weight, keep_standard_layout, set_frozen_weight
 from .sparse_backward import add_sparse_delta, delta_to_dense
 
 
@@ -34,6 +34,7 @@ class PockLayer(BaseTunerLayer):
         base = self.get_base_layer()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"Pock updates nn.Linear layers only, got {type(base).__name__}.")
+        keep_standard_layout(base)  # an NF4 base computes the same in training and evaluation on every CPU
         self.in_features, self.out_features = base.in_features, base.out_features
 
     def update_layer(

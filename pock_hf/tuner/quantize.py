@@ -8,6 +8,12 @@ requantization error of the updated rows (the untouched rows round-trip unchange
 bitsandbytes quantizes a parameter when it is moved from the CPU to a device, so every quantization here builds
 the parameter on the CPU and moves it to the layer's device (the CPU included; bitsandbytes >= 0.45 has a CPU
 backend).
+
+On CPUs with AVX512-BF16, bitsandbytes rewrites an NF4 layer's weight in place into a packed inference layout on
+the layer's first no-grad forward in eval mode, rounding its block scales to bfloat16, and that layout only takes
+in_features a multiple of the 64-wide block and out_features a multiple of 32. Pock keeps every NF4 layer it
+quantizes or wraps on the standard layout (`keep_standard_layout`): the same layer then computes the same thing in
+training and in evaluation, on every CPU, and merging and saving read the weight they quantized.
 """
 
 from __future__ import annotations
@@ -21,6 +27,19 @@ NF4_BLOCKSIZE = 64
 def is_quantized(module: nn.Module) -> bool:
     """Whether `module` is a bitsandbytes 8-bit or 4-bit linear layer."""
     return type(module).__name__ in ("Linear8bitLt", "Linear4bit")
+
+
+def keep_standard_layout(module: nn.Module) -> None:
+    """Turn off bitsandbytes' packed AVX512-BF16 CPU layout for an NF4 layer (see the module docstring), restoring the
+    standard layout first when an earlier inference forward already packed it; a no-op for other layers."""
+    if type(module).__name__ != "Linear4bit":
+        return
+    module.support_avx512bf16_for_cpu = False
+    weight = module.weight
+    if getattr(weight.quant_state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
 
 
 def frozen_weight(module: nn.Linear) -> torch.Tensor:
@@ -80,6 +99,7 @@ def quantize_linear(linear: nn.Linear, kind: str) -> nn.Module:
     else:
         raise ValueError(f"Unknown quantization {kind!r}; valid values are 'int8' and 'nf4'.")
     quantized.weight = _quantized_parameter(linear.weight, kind)
+    keep_standard_layout(quantized)
     if has_bias:
         quantized.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
     quantized.requires_grad_(False)
