@@ -24,6 +24,8 @@ import logging
 import sys
 from pathlib import Path
 
+from pock_hf.engine.precision import DTYPE_NAMES
+
 from .datafiles import EvalDataError
 
 
@@ -47,7 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="few-shot draws and bootstrap")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("auto", *DTYPE_NAMES),
+        help="weights' dtype; auto: bfloat16 where the device computes it natively (CUDA >= 8.0, AVX512-BF16/AMX)",
+    )
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the confidence intervals")
     judge = parser.add_argument_group("pairwise judging (tasks with output_type: pairwise)")
     judge.add_argument(

@@ -10,8 +10,7 @@ from pathlib import Path
 import torch
 
 from pock_hf.data.default_model import DEFAULT_MODEL, load_model_and_tokenizer
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from pock_hf.engine.precision import resolve_dtype
 
 
 @dataclass(frozen=True)
@@ -54,9 +53,7 @@ def load_system(system: System, *, device: str = "cpu", dtype: str = "float32"):
     Raises:
         ValueError: unknown dtype, or a local adapter folder without `adapter_model.safetensors`.
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"Unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}.")
-    model, tokenizer = load_model_and_tokenizer(system.model, dtype=DTYPES[dtype])
+    model, tokenizer = load_model_and_tokenizer(system.model, dtype=resolve_dtype(dtype, device).dtype)
     if system.adapter is not None:
         from peft import PeftModel
 

@@ -28,7 +28,7 @@ from pathlib import Path, PurePath
 import yaml
 
 METHODS = ("pock", "lora", "full")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCHEDULES = ("constant", "linear", "cosine")
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 MEASURE_METHODS = ("proxy", "measured")
@@ -44,8 +44,11 @@ class RecipeConfigError(ValueError):
 @dataclass
 class ModelSection:
     """`name`: hub id, local checkpoint folder, or None for the embedded SmolLM2-135M-Instruct. `dtype`: dtype of the
-    loaded weights. `architecture`: key of `recipes/architectures.yaml` used by `--dry-run` to build the model on the
-    meta device without its weights (default: `name`)."""
+    loaded (frozen) weights; `auto` takes the fastest one the device computes natively (bfloat16 on GPUs from compute
+    capability 8.0 and on CPUs with AVX512-BF16/AMX, float16 on older GPUs, else float32; full fine-tuning keeps
+    float32), see `pock_hf.engine.precision`. Trainable deltas and adapters stay float32. `architecture`: key of
+    `recipes/architectures.yaml` used by `--dry-run` to build the model on the meta device without its weights
+    (default: `name`)."""
 
     name: str | None = None
     dtype: str = "float32"

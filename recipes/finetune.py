@@ -52,6 +52,7 @@ from pock_hf.data.personal import (
 from pock_hf.demo import evaluate_personal, generate_replies, plot_losses, summary_table
 from pock_hf.engine.memory import current_memory_mb, peak_memory_mb, release_free_memory, reset_peak_memory
 from pock_hf.engine.optim_in_backward import OptimizerInBackward
+from pock_hf.engine.precision import AUTO, Precision, resolve_dtype
 from pock_hf.engine.training import make_optimizer, set_learning_rate, training_step
 from pock_hf.io.checkpoint import latest_checkpoint, load_checkpoint, restore_trainable, save_checkpoint, set_rng_state
 from pock_hf.io.files import atomic_write_text, read_json_object
@@ -129,6 +130,23 @@ def make_accelerator(config: RecipeConfig) -> Accelerator:
         log_with=list(config.trackers) or None,
         project_dir=str(config.output.path("logs")),
     )
+
+
+def resolve_model_dtype(config: RecipeConfig, device: torch.device) -> Precision:
+    """Settle `model.dtype` for `device`, writing the resolved name back into `config` and saying what `auto` chose.
+
+    Full fine-tuning trains every weight, so there `auto` keeps them float32 (bf16 then comes from
+    `train.mixed_precision`'s autocast, as with the Trainer); Pock and LoRA keep bf16/fp16 frozen weights with float32
+    deltas."""
+    requested = config.model.dtype
+    if requested == AUTO and config.method == "full":
+        precision = Precision(torch.float32, "full fine-tuning keeps its trainable weights float32")
+    else:
+        precision = resolve_dtype(requested, device)
+    if requested == AUTO:
+        print(f"model.dtype auto -> {precision.name} ({precision.capability})", flush=True)
+    config.model.dtype = precision.name
+    return precision
 
 
 # --- setup: data -----------------------------------------------------------------------------------------------------
@@ -421,6 +439,9 @@ def dry_run(config: RecipeConfig) -> dict:
         RecipeConfigError: the scheme does not fit the model or the predicted memory exceeds the budget.
     """
     architecture = {k: v for k, v in architecture_of(config).items() if k not in ("architectures", "torch_dtype")}
+    # `auto` resolves for this machine; on the device that trains, the recipe resolves it again for that device
+    local = "cpu" if use_cpu() else ("cuda" if torch.cuda.is_available() else "mps")
+    resolve_model_dtype(config, torch.device(local))
     model = meta_llama(architecture, getattr(torch, config.model.dtype))
     batch, seq_len = micro_batch_size(config, 1), config.data.max_length
     print(f"Dry run of {config.method} on {config.model.name or DEFAULT_MODEL} (meta device: shapes, no weights)")
@@ -493,12 +514,15 @@ class FinetuneRecipe:
                 "soon as its local gradient is ready, before DDP averages gradients across processes. Set it false."
             )
         self.micro_batch = micro_batch_size(config, self.accelerator.num_processes)
+        requested_dtype = config.model.dtype
+        precision = resolve_model_dtype(config, self.accelerator.device)
         self.report: dict = {
             "method": config.method,
             "config": config.to_dict(),
             "num_processes": self.accelerator.num_processes,
             "distributed_type": self.accelerator.distributed_type.value,
             "mixed_precision": self.accelerator.mixed_precision,
+            "model_dtype": {"requested": requested_dtype, "used": precision.name, "why": precision.capability},
             "before": {},
             "after": {},
         }

@@ -85,6 +85,22 @@ def test_each_method_trains_and_writes_a_loadable_result(method, run, tiny_model
         assert report["summary"]["trainable_params"] < report["summary"]["total_params"] / 4
 
 
+@pytest.mark.parametrize(("method", "used"), [("pock", "bfloat16"), ("full", "float32")])
+def test_dtype_auto_takes_bf16_frozen_weights_on_a_bf16_cpu(method, used, run, tiny_model, tmp_path, monkeypatch):
+    """On a CPU with AVX512-BF16 (simulated), `auto` loads Pock's frozen weights in bf16 with float32 deltas; full
+    fine-tuning keeps its trainable weights float32."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    output = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", tiny_model, write_rows(tmp_path / "rows.json"), output, method=method)
+    assert run(config, "model.dtype=auto") == 0
+    report = read_report(output)
+    assert report["model_dtype"]["requested"] == "auto" and report["model_dtype"]["used"] == used
+    assert report["after"]["heldout_loss"] < report["before"]["heldout_loss"]
+    if method == "pock":
+        saved = load_file(output / "adapter" / "adapter_model.safetensors")
+        assert saved and all(tensor.dtype == torch.float32 for tensor in saved.values() if tensor.is_floating_point())
+
+
 def test_planned_from_a_measured_table_under_a_budget(run, tiny_model, tmp_path):
     output = tmp_path / "out"
     config = write_config(
