@@ -73,8 +73,9 @@ def test_killed_measurement_resumes_to_the_uninterrupted_table(setup, tmp_path, 
     out = tmp_path / "sens" / "table.json"
     partial = partial_path(out)
     rng = random.Random(seed)
-    # "start-up": a random moment within the first 3 s (imports, loading; maybe the baseline); "units": a random
-    # moment inside the unit after the first k units are on disk, k random (0: just after the baseline)
+    # "start-up": a random moment within the first 3 s (imports, loading, the baseline), or as soon as the first
+    # partial table appears if that comes sooner; "units": a random moment inside the unit after the first k units
+    # are on disk, k random (0: just after the baseline)
     kill_after_units = rng.randrange(UNITS) if when == "units" else -1
     startup_delay = rng.uniform(0.0, 3.0)
     child = subprocess.Popen(
@@ -89,7 +90,7 @@ def test_killed_measurement_resumes_to_the_uninterrupted_table(setup, tmp_path, 
             seen = read_if_there(partial)
             if seen is not None:
                 assert seen.rows == reference.rows[: len(seen.rows)]  # a prefix of the uninterrupted run
-            if kill_after_units < 0 and time.monotonic() - started > startup_delay:
+            if kill_after_units < 0 and (time.monotonic() - started > startup_delay or seen is not None):
                 break
             if seen is not None and kill_after_units >= 0 and len(seen.rows) >= kill_after_units:
                 time.sleep(rng.uniform(0.0, 0.05))  # somewhere inside the next unit or its write
@@ -98,6 +99,7 @@ def test_killed_measurement_resumes_to_the_uninterrupted_table(setup, tmp_path, 
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait()
+    assert child.returncode == -signal.SIGKILL, "the run ended before the kill, so nothing was interrupted"
 
     # What the killed run left: the finished table only if it got that far, a partial table that loads, and at most
     # hidden temporary files that nothing reads.
@@ -107,6 +109,8 @@ def test_killed_measurement_resumes_to_the_uninterrupted_table(setup, tmp_path, 
     left = read_if_there(partial)
     if left is not None:
         assert left.rows == reference.rows[: len(left.rows)]
+    if when == "units":  # the kill landed after the k-th unit was saved: those units are on disk, in some table
+        assert finished is not None or (left is not None and len(left.rows) >= kill_after_units)
     visible = {p.name for p in out.parent.iterdir() if not p.name.startswith(".")} if out.parent.exists() else set()
     assert visible <= {"table.json", "table.csv", "table.png", "table.partial.json"}
     assert all(p.suffix == ".tmp" for p in out.parent.glob(".*")) if out.parent.exists() else True
