@@ -6,7 +6,7 @@ output folder are errors naming the key (with a did-you-mean for misspelt keys),
 before any model is loaded. Relative input paths are read relative to the working directory, as a shell would.
 
     model:  {name, dtype, architecture}
-    data:   {train, eval, split, eval_rows, max_rows, max_length, system_prompt, self_replay}
+    data:   {train, eval, split, eval_rows, max_rows, max_length, system_prompt, self_replay, packing}
     pock:   {scheme | layers + modules + ratio | table (+ costs) | measure, ...options}
     lora:   {r, alpha, dropout, target_modules}
     budget: {device, memory_mb, time_ratio}
@@ -59,10 +59,12 @@ class ModelSection:
 class DataSection:
     """`train`: `personal` (the built-in profile's facts, see `pock_hf.data.personal`), `personal:<name>` (another
     built-in profile), a profile file (`.json` with `"format": "pock_hf personal profile"`: the user's own facts), a
-    `.json`/`.jsonl` instruction file, or a hub data set id (read with `datasets.load_dataset`, split `split`). `eval`: held-out rows for the held-out loss; without it the
-    last `eval_rows` rows of `train` are held out. `max_rows`: use only the first N training rows. `max_length`:
+    `.json`/`.jsonl` instruction file, or a hub data set id (read with `datasets.load_dataset`, split `split`).
+    `eval`: held-out rows for the held-out loss; without it the last `eval_rows` rows of `train` are held out. `max_rows`: use only the first N training rows. `max_length`:
     tokens per row (longer answers are cut, rows whose prompt alone is that long are dropped and counted).
-    `self_replay`: train also on the base model's own replies to everyday prompts (against forgetting)."""
+    `self_replay`: train also on the base model's own replies to everyday prompts (against forgetting). `packing`:
+    train on padding-free batches (each micro-batch's rows end to end in one row, attention kept within each row;
+    `InstructionCollator(packed=True)`): the same loss and gradients, no compute spent on padding."""
 
     train: str = PERSONAL_DATA
     eval: str | None = None
@@ -72,6 +74,7 @@ class DataSection:
     max_length: int = 256
     system_prompt: str | None = None
     self_replay: bool = False
+    packing: bool = False
 
 
 @dataclass

@@ -561,6 +561,8 @@ class FinetuneRecipe:
         self.examples = self.task_examples + replay
         self.heldout = self.tokenize(self.data.heldout, "held-out") if self.data.heldout else []
         self.collate = InstructionCollator(pad_token_id=self.tokenizer.pad_token_id)
+        # training batches (and the cost profile, which times a training batch) are packed when asked
+        self.train_collate = InstructionCollator(self.tokenizer.pad_token_id, packed=self.config.data.packing)
         self.seq_len = max(len(example["input_ids"]) for example in self.examples)
         self.evaluate("before")
         self.report["setup_seconds"] = time.perf_counter() - started
@@ -642,7 +644,7 @@ class FinetuneRecipe:
         if costs is None:
             # the longest training examples: the heaviest micro-batch this run will see
             longest = sorted(self.examples, key=lambda example: len(example["input_ids"]))[-self.micro_batch :]
-            costs = profile_device(config, self.model, self.collate(longest))
+            costs = profile_device(config, self.model, self.train_collate(longest))
             self.record_memory("cost profile")
         costs.check_model(self.model)
         if measured and pock.measure_schemes:
@@ -807,7 +809,7 @@ class FinetuneRecipe:
             micro_batches = [
                 {
                     k: v.to(accelerator.device)
-                    for k, v in self.collate([self.examples[i] for i in mine[j : j + self.micro_batch]]).items()
+                    for k, v in self.train_collate([self.examples[i] for i in mine[j : j + self.micro_batch]]).items()
                 }
                 for j in range(0, len(mine), self.micro_batch)
             ]

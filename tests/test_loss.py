@@ -68,7 +68,11 @@ def test_a_head_with_bias_gets_the_stock_gradients_too():
 
 
 # the plain head takes the fused path (gradients in forward); a Pock-updated head the checkpointed one
-@pytest.mark.parametrize("scheme", [SCHEME, {**SCHEME, "lm_head": 0.25}], ids=["plain head", "updated head"])
+SCHEMES = [SCHEME, {**SCHEME, "lm_head": 0.25}, {"lm_head": 0.25}]
+SCHEME_IDS = ["plain head", "updated head", "only the head"]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=SCHEME_IDS)
 def test_wrapped_model_uses_it_by_default_with_the_same_loss_and_delta_gradients(scheme):
     batch = padded_batch()
     ours = get_pock_model(tiny_llama(), PockConfig(scheme=scheme, init_weights=False))
@@ -86,9 +90,11 @@ def test_wrapped_model_uses_it_by_default_with_the_same_loss_and_delta_gradients
             torch.testing.assert_close(parameter.grad, grads[name])
 
 
-def test_full_logits_never_exist():
+@pytest.mark.parametrize("scheme", SCHEMES, ids=SCHEME_IDS)
+def test_full_logits_never_exist(scheme):
+    """Not even when only the head trains, so the hidden states need no gradient."""
     batch = padded_batch()
-    model = get_pock_model(tiny_llama(), PockConfig(scheme=SCHEME, loss_chunk_size=4))
+    model = get_pock_model(tiny_llama(), PockConfig(scheme=scheme, loss_chunk_size=4))
     model.train()
     shapes = []
     with saved_tensors_hooks(lambda t: shapes.append(t.shape) or t, lambda t: t):

@@ -31,13 +31,23 @@ def examples(count: int = 6, seed: int = 0) -> list[dict]:
     return rows
 
 
-def epochs(model, batches_per_epoch: list[list[list[dict]]], cache: PrefixCache | None = None) -> list[float]:
-    """Train over the given epochs of batches (each a list of example lists); returns every step's loss."""
-    collate = InstructionCollator(pad_token_id=0)
+PADDED, PACKED = InstructionCollator(pad_token_id=0), InstructionCollator(pad_token_id=0, packed=True)
+
+
+def epochs(
+    model, batches_per_epoch: list[list[list[dict]]], cache: PrefixCache | None = None, collates=None
+) -> list[float]:
+    """Train over the given epochs of batches (each a list of example lists, batched by that epoch's collator in
+    `collates`, default padded); returns every step's loss."""
+    collates = collates or [PADDED] * len(batches_per_epoch)
     if cache is not None:
         cache.attach(model)
     optimizer = make_optimizer(model, lr=1e-2)
-    return [training_step(model, [collate(batch)], optimizer).loss for epoch in batches_per_epoch for batch in epoch]
+    return [
+        training_step(model, [collate(batch)], optimizer).loss
+        for epoch, collate in zip(batches_per_epoch, collates, strict=True)
+        for batch in epoch
+    ]
 
 
 def pock_model():
@@ -72,6 +82,20 @@ def test_cached_training_equals_uncached_and_skips_the_prefix():
     # layer 0 ran only in the first epoch; the cut layer ran in both
     assert layer_calls[0] == 2 and cut_layer_calls[0] == 4
     assert expected[2] != expected[0], "training did not change the model"
+
+
+@pytest.mark.parametrize("collates", [(PACKED, PACKED), (PADDED, PACKED)], ids=["packed", "padded then packed"])
+def test_packed_rows_are_served_per_example_sharing_entries_with_padded_rows(collates):
+    rows = examples()
+    expected = epochs(pock_model(), two_epochs(rows))  # padded and uncached: packing changes no loss
+
+    model, cache = pock_model(), PrefixCache()
+    layer_calls = count_calls(model.base_model.model.model.layers[0].mlp)
+    got = epochs(model, two_epochs(rows), cache, collates)
+
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-5, atol=1e-6)
+    assert cache.stats.miss_batches == 2 and cache.stats.hit_batches == 2 and len(cache) == len(rows)
+    assert layer_calls[0] == 2  # the second epoch's packed rows skipped the prefix
 
 
 def test_cut_change_invalidates():

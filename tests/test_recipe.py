@@ -101,6 +101,18 @@ def test_dtype_auto_takes_bf16_frozen_weights_on_a_bf16_cpu(method, used, run, t
         assert saved and all(tensor.dtype == torch.float32 for tensor in saved.values() if tensor.is_floating_point())
 
 
+def test_packed_batches_train_exactly_as_padded_ones(run, tiny_model, tmp_path):
+    rows = write_rows(tmp_path / "rows.json")
+    losses = {}
+    for packing in ("false", "true"):
+        output = tmp_path / f"out-{packing}"
+        config = write_config(tmp_path / f"{packing}.yaml", tiny_model, rows, output, method="pock")
+        assert run(config, f"data.packing={packing}") == 0
+        losses[packing] = read_report(output)["losses"]
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
+    assert losses["true"][-1] < losses["true"][0]
+
+
 def test_planned_from_a_measured_table_under_a_budget(run, tiny_model, tmp_path):
     output = tmp_path / "out"
     config = write_config(

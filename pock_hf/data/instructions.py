@@ -343,17 +343,27 @@ def _tokenize(
 
 @dataclass
 class InstructionCollator:
-    """Batch examples from `tokenize_rows` into `input_ids`, `attention_mask`, `labels` tensors of shape (B, T).
+    """Batch examples from `tokenize_rows` into tensors; usable as `data_collator` of `transformers.Trainer`.
 
-    Right padding: `input_ids` padded with `pad_token_id`, `attention_mask` 0 and `labels` -100 on padding. T is the
-    longest example, rounded up to a multiple of `pad_to_multiple_of` when given. Usable as `data_collator` of
-    `transformers.Trainer`.
+    Padded (default): `input_ids`, `attention_mask`, `labels` of shape (B, T), right-padded with `pad_token_id`,
+    `attention_mask` 0 and `labels` -100; T is the longest example, rounded up to a multiple of
+    `pad_to_multiple_of` when given.
+
+    `packed=True` (padding-free): the examples end to end in one row, `input_ids`, `labels` and `position_ids` of
+    shape (1, N), N the examples' total length, with no `attention_mask`. `position_ids` restart at 0 for every
+    example, and transformers turns them into a block-causal mask (no token attends across examples) when the model
+    is called without `attention_mask` and without a KV cache: call it with `use_cache=False`, as pock_hf's training
+    step, measurement and cost profile do. Each example's first label is -100, so no position predicts across a
+    boundary; loss and gradients equal the padded batch's (tests/test_packing.py).
     """
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
+    packed: bool = False
 
     def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+        if self.packed:
+            return pack_examples(examples)
         length = max(len(example["input_ids"]) for example in examples)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -366,3 +376,31 @@ class InstructionCollator:
             for key, values in batch.items():
                 values[row, : len(example["input_ids"])] = torch.as_tensor(example[key], dtype=torch.long)
         return batch
+
+
+def pack_examples(examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """The examples as one padding-free row (see `InstructionCollator(packed=True)`)."""
+    input_ids, labels, positions = [], [], []
+    for example in examples:
+        length = len(example["input_ids"])
+        input_ids.append(torch.as_tensor(example["input_ids"], dtype=torch.long))
+        example_labels = torch.as_tensor(example["labels"], dtype=torch.long).clone()
+        example_labels[0] = IGNORE_INDEX  # the previous example's last position must not predict this token
+        labels.append(example_labels)
+        positions.append(torch.arange(length, dtype=torch.long))
+    return {
+        "input_ids": torch.cat(input_ids).unsqueeze(0),
+        "labels": torch.cat(labels).unsqueeze(0),
+        "position_ids": torch.cat(positions).unsqueeze(0),
+    }
+
+
+def real_token_count(batch: dict) -> int:
+    """Tokens of a batch that are not padding (a packed batch has none)."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
+def model_inputs(batch: dict) -> dict:
+    """The decoder's inputs of a batch (padded or packed): everything but the labels."""
+    return {key: value for key, value in batch.items() if key != "labels"}

@@ -8,8 +8,9 @@ attention mask hides them as keys, and the loss ignores them), so the loss and g
 run up to float rounding (tests/test_prefix_cache.py).
 
 The cache is only used where it is exact: a Pock model whose cut is above layer 0 and nothing below it trains;
-called with `input_ids` and no `position_ids`, `inputs_embeds`, KV cache or intermediate outputs (generation and
-`output_hidden_states` run the whole model). It empties itself when the cut moves or the prefix weights change
+called with `input_ids` and no `inputs_embeds`, KV cache or intermediate outputs (generation and
+`output_hidden_states` run the whole model), and with `position_ids` only as packed rows carry them (no attention
+mask): each packed example is then an entry of its own, shared with the same example in a padded batch. It empties itself when the cut moves or the prefix weights change
 (checked by a content digest whenever a prefix parameter's version counter, storage or sampled values move: an
 edit through `.data` that changes none of a tensor's 64 sampled values goes unseen; call `clear()` after such
 surgery). Entries live in memory or, with
@@ -19,10 +20,11 @@ examples simply run uncached.
 
 from __future__ import annotations
 
-import functools
 import hashlib
+import itertools
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +35,7 @@ from torch import nn
 from ..io.files import atomic_write_bytes, atomic_write_text, check_format_version, read_json_object
 from ..tuner.depth_cut import find_decoder_layers
 from ..tuner.fingerprint import weights_digest
-from ..tuner.forward_patch import patch_forward, unpatch_forward
+from ..tuner.forward_patch import ForwardPatch, patch_forward, unpatch_forward
 
 FORMAT_VERSION = 1
 CACHE_TAG = "_pock_forward_before_prefix_cache"
@@ -67,8 +69,22 @@ class PrefixCacheStats:
 class _Batch:
     cut: int
     keys: list[str]
-    spans: list[tuple[int, int]]  # (start, length) of each row's real tokens
+    spans: list[tuple[int, int, int]]  # (row, start, length) of each example's real tokens
     stored: list[torch.Tensor] | None  # every row's stored states when the whole batch is cached
+
+
+class _CachedLayerForward(ForwardPatch):
+    """Decoder layer `index`'s forward while `cache` serves the model."""
+
+    tag = CACHE_TAG
+
+    def __init__(self, layer: nn.Module, index: int, cache: PrefixCache) -> None:
+        super().__init__(layer)
+        self.index = index
+        self.cache = cache
+
+    def __call__(self, *args, **kwargs):
+        return self.cache._layer_forward(self.original(), self.index, *args, **kwargs)
 
 
 class PrefixCache:
@@ -119,7 +135,7 @@ class PrefixCache:
             return entry
         try:
             return load_file(self.directory / f"{key}.safetensors")["hidden"]
-        except Exception:  # a damaged file is a miss, never a crash or a wrong value
+        except Exception:  # noqa: BLE001 -- a damaged file is a miss, never a crash or a wrong value
             del self._entries[key]
             self._bytes -= entry
             return None
@@ -182,7 +198,7 @@ class PrefixCache:
             decoder.register_forward_hook(self._after_decoder, always_call=True),
         ]
         for index, layer in enumerate(layers):
-            patch_forward(layer, CACHE_TAG, lambda forward, index=index: self._layer_forward(forward, index))
+            patch_forward(_CachedLayerForward(layer, index, self))
         return self
 
     def detach(self) -> None:
@@ -198,20 +214,23 @@ class PrefixCache:
     def _before_decoder(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._batch = None
         input_ids = args[0] if args else kwargs.get("input_ids")
-        if input_ids is None or any(
-            kwargs.get(name) is not None and kwargs.get(name) is not False for name in BYPASS_KWARGS
-        ):
+        mask, positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
+        # packed rows (position_ids, no mask) are served per example; other explicit positions are not
+        bypass = [name for name in BYPASS_KWARGS if name != "position_ids" or mask is not None]
+        if input_ids is None or any(kwargs.get(name) is not None and kwargs.get(name) is not False for name in bypass):
             return
         cut = self._model.refresh_cut()
         if not (0 < cut.layer < len(self._layers)) or not cut.detach_input:
             return
         prefix = [self._embeddings, *self._layers[: cut.layer]]
         self._check_prefix(cut.layer, prefix)
-        mask = kwargs.get("attention_mask")
-        rows = _row_keys(input_ids, mask if mask is not None else torch.ones_like(input_ids))
-        if rows is None:
-            return
-        keys, spans = rows
+        if positions is not None:
+            keys, spans = _packed_keys(input_ids, positions)
+        else:
+            rows = _row_keys(input_ids, mask if mask is not None else torch.ones_like(input_ids))
+            if rows is None:
+                return
+            keys, spans = rows
         stored = [self._get(key) for key in keys] if all(key in self._entries for key in keys) else None
         hit = stored is not None and all(hidden is not None for hidden in stored)
         self._batch = _Batch(cut=cut.layer, keys=keys, spans=spans, stored=stored if hit else None)
@@ -235,30 +254,27 @@ class PrefixCache:
         self._set_validity({"cut": cut, "prefix_weights": digest, "dtype": dtype})
         self._prefix_stamp = stamp
 
-    def _layer_forward(self, forward, index: int):
-        @functools.wraps(forward)
-        def forward_with_cache(hidden_states, *args, **kwargs):
-            batch = self._batch
-            if batch is None or index >= batch.cut:
-                return forward(hidden_states, *args, **kwargs)
-            if batch.stored is not None:
-                # the prefix is skipped: the last layer below the cut hands the stored states to the cut layer
-                return self._assemble(batch, hidden_states) if index == batch.cut - 1 else hidden_states
-            output = forward(hidden_states, *args, **kwargs)
-            if index == batch.cut - 1:
-                self._store(batch, output)
-            return output
-
-        return forward_with_cache
+    def _layer_forward(self, forward: Callable, index: int, hidden_states: torch.Tensor, *args, **kwargs):
+        """Decoder layer `index`'s forward (`forward`) while this cache serves its model."""
+        batch = self._batch
+        if batch is None or index >= batch.cut:
+            return forward(hidden_states, *args, **kwargs)
+        if batch.stored is not None:
+            # the prefix is skipped: the last layer below the cut hands the stored states to the cut layer
+            return self._assemble(batch, hidden_states) if index == batch.cut - 1 else hidden_states
+        output = forward(hidden_states, *args, **kwargs)
+        if index == batch.cut - 1:
+            self._store(batch, output)
+        return output
 
     def _assemble(self, batch: _Batch, like: torch.Tensor) -> torch.Tensor:
         hidden = torch.zeros_like(like)
-        for row, (stored, (start, length)) in enumerate(zip(batch.stored, batch.spans)):
+        for stored, (row, start, length) in zip(batch.stored, batch.spans):
             hidden[row, start : start + length] = stored.to(device=like.device, dtype=like.dtype)
         return hidden
 
     def _store(self, batch: _Batch, hidden: torch.Tensor) -> None:
-        for row, (key, (start, length)) in enumerate(zip(batch.keys, batch.spans)):
+        for key, (row, start, length) in zip(batch.keys, batch.spans):
             if key not in self._entries:
                 self._put(key, hidden[row, start : start + length].detach())
 
@@ -273,20 +289,40 @@ def _value_sample(parameter: torch.Tensor) -> bytes:
     return flat[positions].float().cpu().numpy().tobytes()
 
 
-def _row_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[list[str], list[tuple[int, int]]] | None:
-    """A content key and the (start, length) span of the real tokens of each row; None when a row is not one
-    contiguous run of real tokens (packed sequences), which the cache does not serve.
+def _row_keys(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[list[str], list[tuple[int, int, int]]] | None:
+    """A content key and the (row, start, length) span of the real tokens of each row; None when a row is not one
+    contiguous run of real tokens, which the cache does not serve (packed rows come with `position_ids`).
 
-    The key covers the tokens and where they start, because positions (RoPE) depend on it.
+    The key covers the tokens and the position of the first one, because positions (RoPE) depend on it.
     """
     keys, spans = [], []
-    for ids, mask in zip(input_ids.cpu(), attention_mask.cpu()):
+    for row, (ids, mask) in enumerate(zip(input_ids.cpu(), attention_mask.cpu())):
         real = mask.nonzero().flatten()
         start, length = (int(real[0]), len(real)) if len(real) else (0, 0)
         if length and int(real[-1]) - start + 1 != length:
             return None
-        digest = hashlib.sha256(ids[start : start + length].numpy().tobytes())
-        digest.update(f"|{start}|{ids.dtype}".encode())
-        keys.append(digest.hexdigest()[:32])
-        spans.append((start, length))
+        keys.append(_example_key(ids[start : start + length], first_position=start))
+        spans.append((row, start, length))
     return keys, spans
+
+
+def _packed_keys(input_ids: torch.Tensor, position_ids: torch.Tensor) -> tuple[list[str], list[tuple[int, int, int]]]:
+    """Keys and (row, start, length) spans of the examples of packed rows: a new example starts wherever the
+    positions do not count up by one (as transformers splits them for its block-causal mask). An example packed at
+    positions 0..L-1 gets the key of the same example right-padded in a padded batch: they share cache entries."""
+    keys, spans = [], []
+    positions = position_ids.expand_as(input_ids).cpu()
+    for row, (ids, row_positions) in enumerate(zip(input_ids.cpu(), positions)):
+        starts = [0, *(torch.nonzero(row_positions.diff() != 1).flatten() + 1).tolist(), len(ids)]
+        for start, end in itertools.pairwise(starts):
+            keys.append(_example_key(ids[start:end], first_position=int(row_positions[start])))
+            spans.append((row, start, end - start))
+    return keys, spans
+
+
+def _example_key(ids: torch.Tensor, first_position: int) -> str:
+    digest = hashlib.sha256(ids.numpy().tobytes())
+    digest.update(f"|{first_position}|{ids.dtype}".encode())
+    return digest.hexdigest()[:32]

@@ -12,6 +12,9 @@ The label-only loss and the depth cut need nothing: they live in the model `get_
 With `optimizer_in_backward=True` AdamW (the Trainer's learning rate, betas, epsilon and weight decay; its learning
 rate scheduler drives the learning rate) runs from per-parameter hooks during backward; the Trainer's own
 `optimizer.step()` then only applies what an accumulation window cut short at the end of an epoch left behind.
+
+Training calls run without a KV cache (`use_cache=False`): training needs none, and padding-free batches
+(`InstructionCollator(packed=True)`) get their block-causal mask from transformers only without one.
 """
 
 from __future__ import annotations
@@ -85,6 +88,9 @@ class PockTrainer(Trainer):
             if self.optimizer is not None:
                 raise ValueError("optimizer_in_backward=True builds its own AdamW; do not pass `optimizers=`.")
         self.prefix_cache = prefix_cache.attach(self.model) if prefix_cache is not None else None
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        return super().compute_loss(model, {**inputs, "use_cache": False}, *args, **kwargs)
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if not self.optimizer_in_backward:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..data.instructions import real_token_count
 from ..tuner.loss import IGNORE_INDEX
 from .optim_in_backward import OptimizerInBackward
 
@@ -79,7 +80,8 @@ def training_step(
     backward: Callable[[torch.Tensor], None] | None = None,
     clip_grad_norm: Callable[..., torch.Tensor] | None = None,
 ) -> StepStats:
-    """Forward and backward every micro-batch, then update the parameters once.
+    """Forward and backward every micro-batch (padded or packed, see `InstructionCollator`), then update the
+    parameters once.
 
     The loss of each micro-batch is its summed token loss divided by the labelled tokens of the whole step
     (`num_items_in_batch`, as `transformers.Trainer` does), so the update equals one step on the concatenated batch
@@ -110,7 +112,8 @@ def training_step(
     backward = backward or torch.Tensor.backward
     total = 0.0
     for batch in micro_batches:
-        loss = model(**batch, num_items_in_batch=labelled).loss
+        # no KV cache: training needs none, and packed rows get their block-causal mask only without one
+        loss = model(**batch, num_items_in_batch=labelled, use_cache=False).loss
         backward(loss)
         total += loss.item()
     grad_norm = None
@@ -120,5 +123,5 @@ def training_step(
             grad_norm = float(clip(trainable_parameters(model), max_grad_norm))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    tokens = sum(int(batch["attention_mask"].sum()) for batch in micro_batches)
+    tokens = sum(real_token_count(batch) for batch in micro_batches)
     return StepStats(loss=total, labelled_tokens=labelled, tokens=tokens, grad_norm=grad_norm)

@@ -206,7 +206,7 @@ def profile_costs(
     minimal = {depth: {f"{layers_name}.{depth}.{layer_modules[0]}": 1e-9} for depth in range(num_layers)}
     try:
         with torch.no_grad():
-            forward_s = _median_time(lambda: model(**batch), repeats)
+            forward_s = _median_time(lambda: model(**batch, use_cache=False), repeats)
         activation = _activation_by_cut(model, minimal, batch, weights_mb, budget_mb, device)
         overhead, measured, untimed = 0.0, {}, []
         for depth in tqdm(
@@ -301,7 +301,7 @@ def _median_time(step, repeats: int) -> float:
 
 def _training_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer):
     def step() -> None:
-        model(**batch).loss.backward()
+        model(**batch, use_cache=False).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -361,7 +361,7 @@ def _full_step_s(model: nn.Module, batch: dict, repeats: int) -> float:
         handles.append(parameter.register_post_accumulate_grad_hook(adamw_in_hook))
     model.train()
     try:
-        seconds = _median_time(lambda: model(**batch).loss.backward(), repeats)
+        seconds = _median_time(lambda: model(**batch, use_cache=False).loss.backward(), repeats)
     finally:
         for handle in handles:
             handle.remove()

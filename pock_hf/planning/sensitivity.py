@@ -143,7 +143,9 @@ def example_losses(model: nn.Module, batches: list[dict]) -> tuple[np.ndarray, n
     sums, counts = [], []
     try:
         for batch in batches:
-            hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            hidden = decoder(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+            ).last_hidden_state
             for row in range(hidden.shape[0]):
                 labels = batch["labels"][row : row + 1]
                 sums.append(label_only_loss(hidden[row : row + 1], labels, head, num_items_in_batch=1).item())
@@ -472,7 +474,7 @@ class _Proxy:
                 tokens = labelled_token_count(batch)
                 for micro in self._micro_batches(batch):
                     # micro-batch sum / the batch's labelled tokens: the micro-batches add up to the batch mean
-                    loss = self.model(**micro, num_items_in_batch=max(tokens, 1)).loss
+                    loss = self.model(**micro, num_items_in_batch=max(tokens, 1), use_cache=False).loss
                     (loss / len(batches)).backward()
             directions = {}
             for name, weight in weights.items():
@@ -514,7 +516,7 @@ class _Proxy:
             handles.append(weight.register_post_accumulate_grad_hook(reduce))
         try:
             for micro in micro_batches:
-                self.model(**micro).loss.backward()
+                self.model(**micro, use_cache=False).loss.backward()
         finally:
             for handle in handles:
                 handle.remove()

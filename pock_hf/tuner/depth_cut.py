@@ -17,7 +17,6 @@ parameters changes after wrapping (modules_to_save, a second adapter, `set_adapt
 from __future__ import annotations
 
 import contextlib
-import functools
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .forward_patch import patch_forward, unpatch_forward
+from .forward_patch import ForwardPatch, patch_forward, unpatch_forward
 
 CUT_TAG = "_pock_forward_before_depth_cut"
 
@@ -79,9 +78,7 @@ def compute_cut(named_parameters: Iterable[tuple[str, nn.Parameter]], layers_nam
 def install_depth_cut(layers: nn.ModuleList, cut: DepthCut) -> None:
     """Wrap each decoder layer's forward so that it obeys `cut` (read at call time). Idempotent."""
     for index, layer in enumerate(layers):
-        patch_forward(
-            layer, CUT_TAG, lambda forward, layer=layer, index=index: _cut_forward(layer, forward, index, cut)
-        )
+        patch_forward(CutForward(layer, index, cut))
 
 
 def remove_depth_cut(layers: nn.ModuleList) -> None:
@@ -90,20 +87,28 @@ def remove_depth_cut(layers: nn.ModuleList) -> None:
         unpatch_forward(layer, CUT_TAG)
 
 
-def _cut_forward(layer: nn.Module, forward, index: int, cut: DepthCut):
-    @functools.wraps(forward)
-    def forward_with_cut(*args, **kwargs):
-        if index < cut.layer:
+class CutForward(ForwardPatch):
+    """Decoder layer `index`'s forward under the depth cut `cut`, which all the layers of a model share with the
+    tuner (so deepcopy gives a copy whose layers share the copy's cut)."""
+
+    tag = CUT_TAG
+
+    def __init__(self, layer: nn.Module, index: int, cut: DepthCut) -> None:
+        super().__init__(layer)
+        self.index = index
+        self.cut = cut
+
+    def __call__(self, *args, **kwargs):
+        forward = self.original()
+        if self.index < self.cut.layer:
             with torch.no_grad():
                 return forward(*args, **kwargs)
-        if index == cut.layer and cut.detach_input:
+        if self.index == self.cut.layer and self.cut.detach_input:
             args, kwargs = _detach_hidden_states(args, kwargs)
-            if _checkpoints_reentrant(layer):
-                with _checkpointing_disabled(layer):
+            if _checkpoints_reentrant(self.module):
+                with _checkpointing_disabled(self.module):
                     return forward(*args, **kwargs)
         return forward(*args, **kwargs)
-
-    return forward_with_cut
 
 
 def _detach_hidden_states(args: tuple, kwargs: dict) -> tuple[tuple, dict]:

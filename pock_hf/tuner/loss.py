@@ -14,15 +14,13 @@ checkpointing instead, which recomputes the chunk's logits in backward.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .forward_patch import patch_forward, unpatch_forward
+from .forward_patch import ForwardPatch, patch_forward, unpatch_forward
 
 IGNORE_INDEX = -100
 # the default chunk keeps one chunk's float32 logits within this many bytes (at least MIN_CHUNK positions)
@@ -102,9 +100,13 @@ def label_only_loss(
         total = LinearCrossEntropySum.apply(hidden, targets, head.weight, head.bias, chunk_size)
         return total / _denominator(num_items_in_batch, targets, total)
     total = hidden.new_zeros((), dtype=torch.float32)
+    # a head that trains (a Pock-updated lm_head) needs backward even when nothing below it does
+    needs_backward = torch.is_grad_enabled() and (
+        hidden.requires_grad or any(p.requires_grad for p in head.parameters())
+    )
     for start in range(0, hidden.shape[0], chunk_size):
         chunk, chunk_targets = hidden[start : start + chunk_size], targets[start : start + chunk_size]
-        if torch.is_grad_enabled() and chunk.requires_grad:
+        if needs_backward:
             # recompute the chunk's logits in backward instead of keeping them
             total = total + checkpoint(_chunk_loss_sum, chunk, chunk_targets, head, use_reentrant=False)
         else:
@@ -126,32 +128,35 @@ def install_label_only_loss(model: nn.Module, chunk_size: int | None = None) -> 
     """Make `model` (a transformers causal LM) compute its loss with `label_only_loss` whenever it is called with
     labels; `.logits` is then None. Calls without labels (generation, evaluation) run the model's own forward.
     `chunk_size` None: `default_chunk_size` of the head's vocabulary."""
-    head = model.get_output_embeddings()
-    decoder = model.get_decoder()
     if chunk_size is None:
-        chunk_size = default_chunk_size(head.weight.shape[0])
+        chunk_size = default_chunk_size(model.get_output_embeddings().weight.shape[0])
+    patch_forward(LabelOnlyLossForward(model, chunk_size))
 
-    def make_forward(original):
-        @functools.wraps(original)
-        def forward(*args, **kwargs):
-            labels = kwargs.get("labels")
-            if labels is None:
-                return original(*args, **kwargs)
-            outputs = decoder(*args, **{k: v for k, v in kwargs.items() if k not in HEAD_ONLY_KWARGS})
-            loss = label_only_loss(
-                outputs.last_hidden_state,
-                labels,
-                head,
-                chunk_size=chunk_size,
-                num_items_in_batch=kwargs.get("num_items_in_batch"),
-            )
-            return CausalLMOutputWithPast(
-                loss=loss, hidden_states=outputs.hidden_states, attentions=outputs.attentions
-            )
 
-        return forward
+class LabelOnlyLossForward(ForwardPatch):
+    """A causal LM's forward that, given labels, runs its decoder and then `label_only_loss` over its output
+    embeddings (both looked up at call time, so a head wrapped after installing is the one used)."""
 
-    patch_forward(model, LOSS_TAG, make_forward)
+    tag = LOSS_TAG
+
+    def __init__(self, model: nn.Module, chunk_size: int) -> None:
+        super().__init__(model)
+        self.chunk_size = chunk_size
+
+    def __call__(self, *args, **kwargs):
+        labels = kwargs.get("labels")
+        if labels is None:
+            return self.original()(*args, **kwargs)
+        decoder = self.module.get_decoder()
+        outputs = decoder(*args, **{k: v for k, v in kwargs.items() if k not in HEAD_ONLY_KWARGS})
+        loss = label_only_loss(
+            outputs.last_hidden_state,
+            labels,
+            self.module.get_output_embeddings(),
+            chunk_size=self.chunk_size,
+            num_items_in_batch=kwargs.get("num_items_in_batch"),
+        )
+        return CausalLMOutputWithPast(loss=loss, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
 
 def remove_label_only_loss(model: nn.Module) -> None:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
+from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
 from .config import PockConfig
@@ -88,12 +91,22 @@ def _check_indices(module: nn.Module, name: str, ratio: float, config: PockConfi
 
 
 def norm_module_names(model: nn.Module, layers_name: str, layer_indices: set[int]) -> list[str]:
-    """Names of the normalisation modules (RMSNorm etc.) inside the given decoder layers."""
-    return [
-        name
-        for name, module in model.named_modules()
-        if "Norm" in type(module).__name__ and layer_index_of(name, layers_name) in layer_indices
-    ]
+    """Names of the normalisation modules (RMSNorm etc.) inside the given decoder layers.
+
+    A norm that PEFT already wraps for another adapter's `modules_to_save` is named by its wrapper: PEFT adds the new
+    adapter's copy to a wrapper it matches by name, while the norm inside would get a second wrapper nested in the
+    first."""
+    names: list[str] = []
+    wrappers: list[str] = []
+    for name, module in model.named_modules():
+        if name.startswith(tuple(wrappers)):
+            continue  # inside a wrapper: its original module and the adapters' copies
+        if isinstance(module, ModulesToSaveWrapper):
+            wrappers.append(f"{name}.")
+            module = module.original_module
+        if "Norm" in type(module).__name__ and layer_index_of(name, layers_name) in layer_indices:
+            names.append(name)
+    return names
 
 
 class PockModel(BaseTuner):
@@ -104,9 +117,48 @@ class PockModel(BaseTuner):
 
     prefix: str = "pock_"
     tuner_layer_cls = PockLayer
-    target_module_mapping: dict = {}
+    target_module_mapping: ClassVar[dict] = {}
 
-    def _pre_injection_hook(self, model: nn.Module, config: PockConfig, adapter_name: str) -> None:
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """PEFT's injection of `adapter_name`, between Pock's own preparation and installation, for every adapter.
+
+        PEFT runs `_pre_injection_hook` and `_post_injection_hook` only around the first adapter (in
+        `BaseTuner.__init__`), while `PeftModel.add_adapter` and `load_adapter` call this method alone; so Pock's setup
+        lives here (as UniLoRA's does), and an added or loaded adapter is checked, fingerprinted and given its norms
+        exactly as the first one is.
+
+        Raises:
+            ValueError: from `_prepare_adapter`, before anything is injected.
+        """
+        # the adapter keeps a copy of its config, which records this base model: the caller's may wrap another
+        # base, as `get_pock_model` leaves its argument alone
+        config = self.peft_config[adapter_name] = copy.deepcopy(self.peft_config[adapter_name])
+        self._prepare_adapter(model, config)
+        super().inject_adapter(
+            model,
+            adapter_name,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            state_dict=state_dict,
+        )
+        self._install(model, config)
+
+    def _prepare_adapter(self, model: nn.Module, config: PockConfig) -> None:
+        """Check `config` against `model` and complete it: record the base-model fingerprint, and with `train_norms`
+        add the updated layers' norms to `modules_to_save`.
+
+        Raises:
+            ValueError: a scheme entry is not an updatable linear module of `model`, its `channel_indices` do not
+                fit, or the config records another base model's fingerprint (a saved adapter loaded onto the wrong
+                base).
+        """
         validate_scheme_for_model(model, config)
         fingerprint = architecture_fingerprint(model, config.scheme)
         if config.base_model_fingerprint:
@@ -153,27 +205,35 @@ class PockModel(BaseTuner):
             new_module.requires_grad_(False)  # an added adapter is not trainable until set_adapter
         self._replace_module(parent, target_name, new_module, target)
 
-    def _post_injection_hook(self, model: nn.Module, config: PockConfig, adapter_name: str) -> None:
-        self._layers_name, layers = find_decoder_layers(model)
-        self._num_layers = len(layers)
-        self._depth_cut = DepthCut(layer=len(layers))
-        self._backward_watch: list = []  # hook handles of the pending check (see `_watch_first_backward`)
-        self._backward_verified = False
-        install_depth_cut(layers, self._depth_cut)
+    def _install(self, model: nn.Module, config: PockConfig) -> None:
+        """Install the depth cut and the forward hooks (once per model: every adapter shares them), then apply the
+        options of `config` that act on the whole model: quantized frozen weights, the label-only loss and
+        checkpointing. An adapter added later can turn these on, not off (the first adapter may be training); the
+        label-only loss then chunks as the latest adapter that asks for it says."""
+        if not hasattr(self, "_depth_cut"):
+            self._install_depth_cut_and_hooks(model)
         if config.quantize_frozen:
             # after injection, so channels were chosen on the full-precision weights
-            quantize_frozen_linears(layers, config.quantize_frozen)
-        # Hooks on the transformers model itself, because PeftModel (no task type) calls it directly, not us.
-        for handle in getattr(self, "_forward_hook_handles", []):
-            handle.remove()
-        self._forward_hook_handles = [
-            model.register_forward_pre_hook(self._before_forward),
-            model.register_forward_hook(self._after_forward),
-        ]
+            quantize_frozen_linears(find_decoder_layers(model)[1], config.quantize_frozen)
         if config.label_only_loss and hasattr(model, "get_output_embeddings") and model.get_output_embeddings():
             install_label_only_loss(model, config.loss_chunk_size)
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def _install_depth_cut_and_hooks(self, model: nn.Module) -> None:
+        self._layers_name, layers = find_decoder_layers(model)
+        self._num_layers = len(layers)
+        # one cut object, shared by the tuner (which refreshes it) and every layer's forward (which reads it)
+        self._depth_cut = DepthCut(layer=len(layers))
+        self._backward_watch: list = []  # hook handles of the pending check (see `_watch_first_backward`)
+        self._backward_verified = False
+        install_depth_cut(layers, self._depth_cut)
+        # Hooks on the transformers model itself, because PeftModel (no task type) calls it directly, not us. They are
+        # bound methods of this tuner, which deepcopy rebinds to the copy's tuner.
+        self._forward_hook_handles = [
+            model.register_forward_pre_hook(self._before_forward),
+            model.register_forward_hook(self._after_forward),
+        ]
 
     # --- the depth cut -------------------------------------------------------------------------------------------
 
