@@ -152,11 +152,11 @@ def run_one(args) -> dict:
     model = build(args.setup, model, scheme, args.last_k)
     model.train()
     if args.setup == "forward":
-        step = lambda batch: model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])  # noqa: E731
+        step = lambda batch: model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         context = torch.no_grad
     else:
         optimizer = make_optimizer(model, lr=1e-5, in_backward=args.setup == "pock_in_backward")
-        step = lambda batch: training_step(model, [batch], optimizer)  # noqa: E731
+        step = lambda batch: training_step(model, [batch], optimizer)
         context = torch.enable_grad
     if args.setup == "pock_cached":
         cache = PrefixCache(max_mb=4096).attach(model)
@@ -275,25 +275,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    args = parse_args(argv)
-    if args.setup:
-        print(json.dumps(run_one(args)))
-        return []
+def run_setups(script: str | Path, argv: list[str], setups: list[str]) -> list[dict]:
+    """Run `python script *argv --setup S` for each setup, each in its own process (so each peak memory is its own),
+    and return the JSON rows they print last, in order. Raises SystemExit with the stderr tail if one fails."""
     from tqdm.auto import tqdm
 
-    from pock_hf.io.files import atomic_write_text
-
-    argv = sys.argv[1:] if argv is None else argv
     results = []
-    for setup in tqdm(args.setups.split(","), desc="setups", unit="setup"):
+    for setup in tqdm(setups, desc="setups", unit="setup"):
         done = subprocess.run(
-            [sys.executable, __file__, *argv, "--setup", setup], capture_output=True, text=True, check=False
+            [sys.executable, str(script), *argv, "--setup", setup], capture_output=True, text=True, check=False
         )
         if done.returncode != 0:
             raise SystemExit(f"setup {setup} failed:\n{done.stderr[-3000:]}")
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
         tqdm.write(f"{setup}: {results[-1]['step_s']:.2f} s/step, {results[-1]['peak_memory_mb']:.0f} MB")
+    return results
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    if args.setup:
+        print(json.dumps(run_one(args)))
+        return []
+    from pock_hf.io.files import atomic_write_text
+
+    argv = sys.argv[1:] if argv is None else argv
+    results = run_setups(__file__, argv, args.setups.split(","))
     markdown = table(results)
     settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
     atomic_write_text(args.output / "speed.json", json.dumps({"settings": settings, "results": results}, indent=2))

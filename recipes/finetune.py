@@ -58,7 +58,7 @@ from pock_hf.io.checkpoint import latest_checkpoint, load_checkpoint, restore_tr
 from pock_hf.io.files import atomic_write_text, read_json_object
 from pock_hf.planning.calibration import measure_schemes
 from pock_hf.planning.costs import DEVICE_BUDGETS_MB, CostProfile
-from pock_hf.planning.memory_plan import MemoryEstimate, estimate_training_memory, meta_llama
+from pock_hf.planning.memory_plan import MemoryEstimate, estimate_training_memory, loading_peak_mb, meta_llama
 from pock_hf.planning.planner import Plan, plan_report, plot_gain_vs_budget
 from pock_hf.planning.sensitivity import evaluate_loss, scheme_channel_indices
 from pock_hf.planning.table import SensitivityTable
@@ -274,6 +274,14 @@ def pock_options(config: RecipeConfig, **overrides) -> dict:
     return {**options, **overrides}
 
 
+def quantized_at_load(config: RecipeConfig) -> bool:
+    """Whether the frozen weights load quantized (`pock.quantize_frozen` with a scheme that needs no measuring); a
+    measurement takes weight gradients, so a measured or planned run loads in full precision and quantizes after
+    choosing its scheme (measure the table on a bigger machine to plan on a small one)."""
+    pock = config.pock
+    return config.method == "pock" and pock.quantize_frozen is not None and pock.source() in ("scheme", "layers")
+
+
 def static_scheme(config: RecipeConfig, model) -> dict[str, float] | str | None:
     """The scheme when the config states it (`pock.scheme` or `pock.layers`); None when it is planned."""
     pock = config.pock
@@ -470,14 +478,33 @@ def dry_run(config: RecipeConfig) -> dict:
         model = wrap(config, model, None)
     summary = describe_model(model)
     estimate = estimate_for(config, model, summary.get("cut_layer", 0), batch, seq_len)
+    at_load = quantized_at_load(config)
+    loading_mb = loading_peak_mb(
+        model,
+        layers_name=find_decoder_layers(model)[0],
+        dtype=config.model.dtype,
+        quantize_frozen=config.pock.quantize_frozen if config.method == "pock" else None,
+        quantized_at_load=at_load,
+    )
     if plan_note:
         print(f"Note: {plan_note}.")
     print_summary(summary, estimate, budget_mb(config))
+    how = (
+        "quantized as each tensor is read"
+        if at_load
+        else f"the whole model in {config.model.dtype}" + (", quantized after" if config.pock.quantize_frozen else "")
+    )
+    print(f"Predicted loading peak (weights): {loading_mb:,.0f} MB, {how}")
     check_memory(config, estimate)
     tasks = eval_tasks(config)
     if tasks:
         print(f"Evaluates base and tuned model on: {', '.join(f'{t.name} ({len(t.docs)} rows)' for t in tasks)}")
-    return {**summary, "memory": dataclasses.asdict(estimate), "predicted_memory_mb": estimate.total_mb}
+    return {
+        **summary,
+        "memory": dataclasses.asdict(estimate),
+        "predicted_memory_mb": estimate.total_mb,
+        "predicted_loading_mb": loading_mb,
+    }
 
 
 def micro_batch_size(config: RecipeConfig, num_processes: int) -> int:
@@ -546,10 +573,15 @@ class FinetuneRecipe:
         self.output.mkdir(parents=True, exist_ok=True)
         self.checkpoint = self.find_checkpoint()
         self.eval_tasks = eval_tasks(config)
+        at_load = quantized_at_load(config)
         self.model, self.tokenizer = load_model_and_tokenizer(
-            config.model.name, dtype=getattr(torch, config.model.dtype)
+            config.model.name,
+            dtype=getattr(torch, config.model.dtype),
+            quantize=config.pock.quantize_frozen if at_load else None,
         )
-        self.model.to(self.accelerator.device)
+        if not at_load:  # bitsandbytes placed the quantized weights on the device already
+            self.model.to(self.accelerator.device)
+        self.report["quantized_at_load"] = at_load
         self.data = load_data(config, self.output)
         self.task_examples = self.tokenize(self.data.train, "training")
         replay = []

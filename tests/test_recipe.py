@@ -113,6 +113,27 @@ def test_packed_batches_train_exactly_as_padded_ones(run, tiny_model, tmp_path):
     assert losses["true"][-1] < losses["true"][0]
 
 
+def test_quantize_frozen_with_a_fixed_scheme_loads_quantized(run, tiny_model, tmp_path):
+    """The frozen weights never load in full precision: every decoder linear is NF4 from the start, and the saved
+    adapter reloads onto a base loaded the same way to the trained model's outputs."""
+    from pock_hf.data.default_model import load_model_and_tokenizer
+
+    output = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", tiny_model, write_rows(tmp_path / "rows.json"), output)
+    assert run(config, "pock.quantize_frozen=nf4") == 0
+    report = read_report(output)
+    assert report["quantized_at_load"] is True
+    assert report["after"]["heldout_loss"] < report["before"]["heldout_loss"]
+    base, _ = load_model_and_tokenizer(tiny_model, quantize="nf4")
+    linears = [m for m in base.model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m).__name__ == "Linear4bit" for m in linears)
+    tuned = PeftModel.from_pretrained(base, output / "adapter").eval()
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 8, 9]])}
+    plain, _ = load_model_and_tokenizer(tiny_model, quantize="nf4")
+    with torch.no_grad():
+        assert not torch.allclose(tuned(**batch).logits, plain(**batch).logits)
+
+
 def test_planned_from_a_measured_table_under_a_budget(run, tiny_model, tmp_path):
     output = tmp_path / "out"
     config = write_config(

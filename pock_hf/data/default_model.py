@@ -103,12 +103,36 @@ def _materialise(gguf_dir: Path, out_dir: Path) -> None:
     AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_FILE).save_pretrained(out_dir)
 
 
+def quantized_loading(quantize: str | None, dtype: torch.dtype) -> dict:
+    """`from_pretrained` keyword arguments that quantize linear weights as they load (none for `quantize=None`).
+
+    Raises:
+        ValueError: `quantize` is not "nf4", "int8" or None.
+    """
+    if quantize is None:
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "nf4":
+        config = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True
+        )
+    elif quantize == "int8":
+        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0)
+    else:
+        raise ValueError(f"Unknown quantization {quantize!r}; valid values are 'int8' and 'nf4'.")
+    # quantized weights are placed as they load: on this process's GPU (LOCAL_RANK under a launcher), else the CPU
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    return {"quantization_config": config, "device_map": {"": device}}
+
+
 def load_model_and_tokenizer(
     name_or_path: str | os.PathLike | None = None,
     *,
     dtype: torch.dtype = torch.float32,
     cache_dir: str | os.PathLike | None = None,
     trust_remote_code: bool = False,
+    quantize: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, in eval mode, with a pad token set.
 
@@ -119,6 +143,10 @@ def load_model_and_tokenizer(
         dtype: parameter dtype of the loaded model.
         cache_dir: where the default model is materialised; ignored for other models (they use the HF cache).
         trust_remote_code: passed to transformers; only set it for checkpoints whose code you trust.
+        quantize: "nf4" or "int8" to load every linear layer but the LM head quantized by bitsandbytes as its
+            weights are read (transformers' `BitsAndBytesConfig`, as QLoRA loads): the whole model never exists in
+            `dtype`, so the loading peak is the quantized model plus one tensor. NF4 computes in `dtype` with double
+            quantization and 64-value blocks, int8 without outlier decomposition, as `PockConfig.quantize_frozen`.
 
     If the tokenizer has no pad token, its end-of-sequence token is used for padding (labels mask padding anyway).
 
@@ -130,7 +158,9 @@ def load_model_and_tokenizer(
     if name_or_path is None or str(name_or_path) == DEFAULT_MODEL:
         name_or_path = default_model_path(cache_dir)
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, **quantized_loading(quantize, dtype)
+        )
     except pickle.UnpicklingError:
         # transformers reads legacy `pytorch_model.bin` pickles with torch.load(weights_only=True), which refuses any
         # object but tensors instead of running it; say so in one line rather than torch's page of advice

@@ -1,7 +1,8 @@
 """`PockTrainer`: `transformers.Trainer` with the engine's optional mechanisms switched on by two arguments.
 
 The label-only loss and the depth cut need nothing: they live in the model `get_pock_model` returns, so a plain
-`Trainer` or TRL's `SFTTrainer` already gets them. What a trainer has to own is the optimizer step inside backward
+`Trainer` already gets them (TRL's `SFTTrainer` gets the depth cut but computes its own loss; `PockSFTTrainer` in
+`sft_trainer.py` gives it the label-only loss). What a trainer has to own is the optimizer step inside backward
 (the Trainer calls `optimizer.step()` itself) and attaching a frozen-prefix cache for the run:
 
     trainer = PockTrainer(model=model, args=TrainingArguments(..., max_grad_norm=0.0), train_dataset=...,

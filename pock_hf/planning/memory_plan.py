@@ -108,3 +108,18 @@ def estimate_training_memory(
     positions = min(tokens, loss_chunk_size) if label_only_loss else tokens
     logits = 1.5 * positions * config.vocab_size * 4
     return MemoryEstimate(weights / MB, trainable / MB, activations / MB, logits / MB)
+
+
+def loading_peak_mb(
+    model: nn.Module, *, layers_name: str, dtype: str, quantize_frozen: str | None, quantized_at_load: bool
+) -> float:
+    """Predicted peak MB of the weights while the model loads (works on meta-device models).
+
+    Quantized at load (`load_model_and_tokenizer(quantize=...)`), each tensor is quantized as it is read: the peak is
+    the quantized model plus its largest tensor in `dtype`. Otherwise the whole model exists in `dtype` first, and
+    quantizing after loading only lowers what training then holds."""
+    dtype_bytes = DTYPE_BYTES[dtype]
+    if not (quantize_frozen and quantized_at_load):
+        return sum(p.numel() for p in model.parameters()) * dtype_bytes / MB
+    largest = max(p.numel() for p in model.parameters()) * dtype_bytes
+    return (frozen_weight_bytes(model, layers_name, dtype_bytes, quantize_frozen) + largest) / MB
