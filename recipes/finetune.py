@@ -119,6 +119,39 @@ def use_cpu() -> bool:
     return requested or not (torch.cuda.is_available() or torch.backends.mps.is_available())
 
 
+def launcher_processes() -> int | None:
+    """The `--num_processes` of the `accelerate launch` that started this process (read from the parent's command
+    line on Linux), or None when there is none to read."""
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as cmdline:
+            words = cmdline.read().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    if not any("accelerate" in word for word in words[:3]):
+        return None
+    for index, word in enumerate(words):
+        value = word.split("=", 1)[1] if word.startswith("--num_processes=") else None
+        if word == "--num_processes" and index + 1 < len(words):
+            value = words[index + 1]
+        if value is not None:
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def warn_if_fewer_processes(started: int) -> None:
+    """Say so when the launch asked for more processes than run: `accelerate launch --cpu --num_processes N` starts
+    one process (its simple launcher), silently."""
+    requested = launcher_processes()
+    if requested is not None and requested > started:
+        print(
+            f"Warning: accelerate launch asked for {requested} processes but started {started}: a `--cpu` launch runs "
+            f"one process. For {requested} CPU processes use `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu "
+            f"--num_processes {requested} ...` (gloo).",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def make_accelerator(config: RecipeConfig) -> Accelerator:
     cpu = use_cpu()
     state = PartialState(cpu=cpu)  # reads the process group that `accelerate launch` / torchrun set up
@@ -540,6 +573,8 @@ class FinetuneRecipe:
                 "train.optimizer_in_backward cannot run on several processes: its hooks update each parameter as "
                 "soon as its local gradient is ready, before DDP averages gradients across processes. Set it false."
             )
+        if self.is_main:
+            warn_if_fewer_processes(self.accelerator.num_processes)
         self.micro_batch = micro_batch_size(config, self.accelerator.num_processes)
         requested_dtype = config.model.dtype
         precision = resolve_model_dtype(config, self.accelerator.device)

@@ -333,6 +333,20 @@ def test_two_cpu_processes_under_accelerate_launch(method, tiny_model, tmp_path)
 
 
 @pytest.mark.slow
+def test_a_cpu_launch_that_runs_fewer_processes_than_asked_says_so(tiny_model, tmp_path):
+    config = write_config(tmp_path / "c.yaml", tiny_model, write_rows(tmp_path / "rows.json"), tmp_path / "out")
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", str(RECIPE), "--config", str(config), "train.steps=1",
+    ]  # fmt: skip
+    output = finish(
+        subprocess.Popen(command, cwd=ROOT, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    )
+    assert "asked for 2 processes but started 1" in output
+    assert read_report(tmp_path / "out")["num_processes"] == 1
+
+
+@pytest.mark.slow
 def test_optimizer_in_backward_is_refused_on_several_processes(tiny_model, tmp_path):
     config = write_config(tmp_path / "c.yaml", tiny_model, write_rows(tmp_path / "rows.json"), tmp_path / "out")
     process = launch(config, "train.optimizer_in_backward=true", processes=2)
