@@ -15,6 +15,7 @@ Every setup trains on the same batches through the same `pock_hf.engine.training
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -35,14 +36,49 @@ SETUPS = {
     "lora": "PEFT LoRA r=8, all linears",
     "lora_gc": "PEFT LoRA + gradient checkpointing",
     "qlora": "QLoRA (LoRA r=8 on NF4 frozen weights)",
+    "shira": "PEFT SHiRA (sparse high-rank, r=32 by default), all linears",
+    "supertuning": "PEFT Super-Tuning (top 1% of weights), all linears",
     "last_k": "freeze all but the last k layers",
     "pock_sparse": "Pock: sparse channels + depth cut (stock loss)",
     "pock": "+ label-only chunked loss (Pock default)",
     "pock_in_backward": "+ optimizer step inside backward",
     "pock_cached": "+ frozen-prefix cache (warm)",
     "pock_nf4": "Pock default on NF4 frozen weights",
+    "pock_packed": "Pock default on padding-free (packed) batches",
 }
 DEFAULT_SETUPS = ",".join(SETUPS)
+# setups that train the model's own weights: those stay float32, and `--dtype auto` runs them under autocast
+TRAINS_OWN_WEIGHTS = ("full", "last_k")
+
+
+def weights_dtype(args, device: torch.device) -> torch.dtype:
+    """The dtype the model loads in. `--dtype auto` gives each method its best precision on `device`: frozen weights
+    in the fastest native dtype (`pock_hf.engine.precision`; adapters and deltas stay float32), and float32 weights
+    for methods that train them (`autocast_dtype` speeds those up instead, as mixed-precision training does)."""
+    from pock_hf.engine.precision import fastest_precision
+
+    if args.dtype != "auto":
+        return DTYPES[args.dtype]
+    return torch.float32 if args.setup in TRAINS_OWN_WEIGHTS else fastest_precision(device).dtype
+
+
+def autocast_dtype(args, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a setup that trains its own weights under `--dtype auto` (None: no autocast)."""
+    from pock_hf.engine.precision import fastest_precision
+
+    fast = fastest_precision(device).dtype
+    use = args.dtype == "auto" and args.setup in TRAINS_OWN_WEIGHTS and fast != torch.float32
+    return fast if use else None
+
+
+def capability(device: torch.device) -> str:
+    """What the device computes fast, for the report: the CPU's ISA and bf16 instructions, or the CUDA capability."""
+    from pock_hf.engine.precision import cpu_capability, describe_cpu
+
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"{torch.cuda.get_device_name(device)}, CUDA compute capability {major}.{minor}"
+    return describe_cpu(cpu_capability())
 
 
 def last_layers_scheme(num_layers: int, last: int, ratio: float) -> dict[str, float]:
@@ -60,7 +96,7 @@ def load_scheme(args, num_layers: int) -> dict[str, float]:
     return last_layers_scheme(num_layers, args.last_k, args.ratio)
 
 
-def build(setup: str, model, scheme: dict[str, float], last_k: int):
+def build(setup: str, model, scheme: dict[str, float], last_k: int, shira_r: int = 32):
     """The model to train under `setup`."""
     from peft import LoraConfig, get_peft_model
 
@@ -73,6 +109,11 @@ def build(setup: str, model, scheme: dict[str, float], last_k: int):
         model.requires_grad_(False)
         model.model.layers[-last_k:].requires_grad_(True)
         return model
+    if setup in ("shira", "supertuning"):
+        from peft import ShiraConfig, SupertuningConfig
+
+        adapter = ShiraConfig(r=shira_r, target_modules="all-linear") if setup == "shira" else SupertuningConfig()
+        return get_peft_model(model, adapter)
     if setup in ("lora", "lora_gc", "qlora"):
         if setup == "qlora":
             # the same bitsandbytes NF4 quantization Pock uses, so the two quantized rows compare like with like
@@ -91,15 +132,16 @@ def build(setup: str, model, scheme: dict[str, float], last_k: int):
     return get_pock_model(model, config)
 
 
-def batches(tokenizer, data: Path, batch: int, max_length: int, count: int) -> list[dict]:
-    """`count` batches of instruction rows (prompt masked), each padded to exactly `max_length` tokens."""
+def batches(tokenizer, data: Path, batch: int, max_length: int, count: int, packed: bool = False) -> list[dict]:
+    """`count` batches of instruction rows (prompt masked), each padded to exactly `max_length` tokens, or with
+    `packed` the same rows end to end without padding."""
     from pock_hf.data import InstructionCollator, load_instruction_rows, tokenize_rows
 
     rows = load_instruction_rows(data)[: batch * count * 4]
     examples, _ = tokenize_rows(rows, tokenizer, max_length=max_length)
     if len(examples) < batch * count:
         raise SystemExit(f"{data} gives {len(examples)} usable rows; {batch * count} are needed.")
-    collate = InstructionCollator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=max_length)
+    collate = InstructionCollator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=max_length, packed=packed)
     return [collate(examples[i * batch : (i + 1) * batch]) for i in range(count)]
 
 
@@ -114,7 +156,7 @@ def random_model_and_batches(args, device: torch.device):
         raise SystemExit(f"unknown --architecture {args.architecture!r}; {ARCHITECTURES} has {sorted(architectures)}")
     config = LlamaConfig(**architectures[args.architecture])
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(DTYPES[args.dtype])
+        model = LlamaForCausalLM(config).to(weights_dtype(args, device))
     generator = torch.Generator().manual_seed(0)
     data = []
     for _ in range(args.warmup + args.steps):
@@ -132,8 +174,9 @@ def model_and_batches(args, device: torch.device):
     if args.architecture:
         model, data = random_model_and_batches(args, device)
     else:
-        model, tokenizer = load_model_and_tokenizer(args.model, dtype=DTYPES[args.dtype])
-        data = batches(tokenizer, args.data, args.batch, args.max_length, args.warmup + args.steps)
+        model, tokenizer = load_model_and_tokenizer(args.model, dtype=weights_dtype(args, device))
+        steps = args.warmup + args.steps
+        data = batches(tokenizer, args.data, args.batch, args.max_length, steps, packed=args.setup == "pock_packed")
         model = model.to(device)
     return model, [{key: value.to(device) for key, value in batch.items()} for batch in data]
 
@@ -141,6 +184,7 @@ def model_and_batches(args, device: torch.device):
 def run_one(args) -> dict:
     """Time one setup in this process; returns its row."""
     from pock_hf import PrefixCache
+    from pock_hf.data import model_inputs, real_token_count
     from pock_hf.engine.memory import peak_memory_mb
     from pock_hf.engine.training import make_optimizer, training_step
 
@@ -149,15 +193,22 @@ def run_one(args) -> dict:
     device = torch.device(args.device)
     model, data = model_and_batches(args, device)
     scheme = load_scheme(args, model.config.num_hidden_layers)
-    model = build(args.setup, model, scheme, args.last_k)
+    model = build(args.setup, model, scheme, args.last_k, args.shira_r)
     model.train()
+    cast = autocast_dtype(args, device)
+
+    def context() -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.no_grad() if args.setup == "forward" else torch.enable_grad())
+        if cast is not None:
+            stack.enter_context(torch.autocast(device.type, dtype=cast))
+        return stack
+
     if args.setup == "forward":
-        step = lambda batch: model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        context = torch.no_grad
+        step = lambda batch: model(**model_inputs(batch), use_cache=False)
     else:
         optimizer = make_optimizer(model, lr=1e-5, in_backward=args.setup == "pock_in_backward")
         step = lambda batch: training_step(model, [batch], optimizer)
-        context = torch.enable_grad
     if args.setup == "pock_cached":
         cache = PrefixCache(max_mb=4096).attach(model)
         with context():
@@ -182,9 +233,12 @@ def run_one(args) -> dict:
     return {
         "setup": args.setup,
         "what": SETUPS[args.setup],
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "autocast": str(cast).removeprefix("torch.") if cast is not None else None,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "step_s": seconds,
-        "tokens_per_s": args.batch * args.max_length / seconds,
+        # real (non-padding) tokens: padded and packed batches of the same rows compare fairly
+        "tokens_per_s": statistics.mean(real_token_count(batch) for batch in data) / seconds,
         "peak_memory_mb": peak_memory_mb(device),
         "cut_layer": getattr(model, "cut_layer", None) if args.setup.startswith("pock") else None,
     }
@@ -207,18 +261,25 @@ def ratio(value: float, reference: dict | None, key: str, inverse: bool = False)
     return f"{(reference[key] / value if inverse else value / reference[key]):.2f}"
 
 
-def table(results: list[dict]) -> str:
-    """Markdown: one row per setup, with speed-ups (step time) and memory ratios against full FT and LoRA."""
+def table(results: list[dict], device_capability: str = "") -> str:
+    """Markdown: one row per setup, with its step time as a multiple of the forward pass (same dtype), speed-ups
+    (step time) against full fine-tuning and LoRA, and memory against LoRA; headed by the device's capability."""
     by = {r["setup"]: r for r in results}
-    full, lora = by.get("full"), by.get("lora")
-    lines = [
-        "| setup | trainable | step (s) | tokens/s | peak memory (MB) | speed-up vs full | vs LoRA | memory vs LoRA |",
-        "|---|---|---|---|---|---|---|---|",
+    full, lora, forward = by.get("full"), by.get("lora"), by.get("forward")
+    lines = [f"Device: {device_capability}", ""] if device_capability else []
+    lines += [
+        (
+            "| setup | dtype | trainable | step (s) | tokens/s (real) | peak memory (MB) | step / forward | "
+            "speed-up vs full | vs LoRA | memory vs LoRA |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         trainable = f"{r['trainable_params'] / 1e6:.2f}M" if r["setup"] != "forward" else "–"
+        dtype = r.get("dtype", "") + (f" + {r['autocast']} autocast" if r.get("autocast") else "")
         lines.append(
-            f"| {r['what']} | {trainable} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | {r['peak_memory_mb']:.0f} | "
+            f"| {r['what']} | {dtype} | {trainable} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | "
+            f"{r['peak_memory_mb']:.0f} | {ratio(r['step_s'], forward, 'step_s')}x | "
             f"{ratio(r['step_s'], full, 'step_s', inverse=True)}x | {ratio(r['step_s'], lora, 'step_s', inverse=True)}x"
             f" | {ratio(r['peak_memory_mb'], lora, 'peak_memory_mb')} |"
         )
@@ -254,13 +315,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scheme", type=Path, help="Pock scheme JSON (e.g. from `pock plan`)")
     parser.add_argument("--last-k", type=int, default=4, help="layers of the default scheme and of the last_k row")
     parser.add_argument("--ratio", type=float, default=0.25, help="channel ratio of the default scheme")
+    parser.add_argument("--shira-r", type=int, default=32, help="SHiRA's rank (its trainable values: r x (in + out))")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", *DTYPES],
+        default="auto",
+        help="auto: every method at its best precision on the device (see weights_dtype)",
+    )
     parser.add_argument(
         "--architecture", help=f"random weights of this architecture (a key of {ARCHITECTURES.name}) and random tokens"
     )
@@ -301,8 +368,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     argv = sys.argv[1:] if argv is None else argv
     results = run_setups(__file__, argv, args.setups.split(","))
-    markdown = table(results)
+    device_capability = capability(torch.device(args.device))
+    markdown = table(results, device_capability)
     settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+    settings["device_capability"] = device_capability
     atomic_write_text(args.output / "speed.json", json.dumps({"settings": settings, "results": results}, indent=2))
     atomic_write_text(args.output / "speed.md", markdown + "\n")
     plot(results, args.output / "speed.png", f"batch {args.batch} x {args.max_length}, {args.device}")

@@ -20,6 +20,7 @@ def tiny_run(tmp_path):
     ]
     data.write_text(json.dumps(rows))
     common = ["--model", str(model), "--data", str(data), "--batch", "2", "--max-length", "64", "--last-k", "2"]
+    common += ["--shira-r", "4"]  # the tiny model's 32-wide layers cannot take SHiRA's default rank
     return common + ["--warmup", "1", "--steps", "1", "--output", str(tmp_path / "out")]
 
 
@@ -30,6 +31,10 @@ def test_every_setup_runs_and_reports(tiny_run):
     assert by["full"]["trainable_params"] > by["last_k"]["trainable_params"] > by["pock"]["trainable_params"] > 0
     assert by["pock"]["cut_layer"] == 2 and by["pock_nf4"]["trainable_params"] == by["pock"]["trainable_params"]
     assert all(r["step_s"] > 0 and r["peak_memory_mb"] > 0 for r in results)
+    assert by["shira"]["trainable_params"] > 0 and by["supertuning"]["trainable_params"] > 0
+    # the same rows, padded or packed: the real tokens per step agree, packing drops only padding
+    real = {setup: by[setup]["tokens_per_s"] * by[setup]["step_s"] for setup in ("pock", "pock_packed")}
+    assert real["pock_packed"] == pytest.approx(real["pock"])
     markdown = speed.table(results)
     assert markdown.count("\n") == len(results) + 1 and "| full fine-tuning |" in markdown
 
