@@ -45,10 +45,18 @@ SETUPS = {
     "pock_cached": "+ frozen-prefix cache (warm)",
     "pock_nf4": "Pock default on NF4 frozen weights",
     "pock_packed": "Pock default on padding-free (packed) batches",
+    "full_packed": "full fine-tuning on padding-free (packed) batches",
+    "lora_packed": "PEFT LoRA on padding-free (packed) batches",
 }
+PACKED = "_packed"  # a setup named <base>_packed is <base> trained on `InstructionCollator(packed=True)` batches
 DEFAULT_SETUPS = ",".join(SETUPS)
 # setups that train the model's own weights: those stay float32, and `--dtype auto` runs them under autocast
 TRAINS_OWN_WEIGHTS = ("full", "last_k")
+
+
+def base_setup(setup: str) -> str:
+    """The method a setup trains (`lora_packed` -> `lora`)."""
+    return setup.removesuffix(PACKED)
 
 
 def weights_dtype(args, device: torch.device) -> torch.dtype:
@@ -59,7 +67,7 @@ def weights_dtype(args, device: torch.device) -> torch.dtype:
 
     if args.dtype != "auto":
         return DTYPES[args.dtype]
-    return torch.float32 if args.setup in TRAINS_OWN_WEIGHTS else fastest_precision(device).dtype
+    return torch.float32 if base_setup(args.setup) in TRAINS_OWN_WEIGHTS else fastest_precision(device).dtype
 
 
 def autocast_dtype(args, device: torch.device) -> torch.dtype | None:
@@ -67,7 +75,7 @@ def autocast_dtype(args, device: torch.device) -> torch.dtype | None:
     from pock_hf.engine.precision import fastest_precision
 
     fast = fastest_precision(device).dtype
-    use = args.dtype == "auto" and args.setup in TRAINS_OWN_WEIGHTS and fast != torch.float32
+    use = args.dtype == "auto" and base_setup(args.setup) in TRAINS_OWN_WEIGHTS and fast != torch.float32
     return fast if use else None
 
 
@@ -97,12 +105,13 @@ def load_scheme(args, num_layers: int) -> dict[str, float]:
 
 
 def build(setup: str, model, scheme: dict[str, float], last_k: int, shira_r: int = 32):
-    """The model to train under `setup`."""
+    """The model to train under `setup` (packing changes the batches, not the model)."""
     from peft import LoraConfig, get_peft_model
 
     from pock_hf import PockConfig, get_pock_model
     from pock_hf.tuner.quantize import quantize_frozen_linears
 
+    setup = base_setup(setup)
     if setup in ("full", "forward"):
         return model
     if setup == "last_k":
@@ -176,7 +185,7 @@ def model_and_batches(args, device: torch.device):
     else:
         model, tokenizer = load_model_and_tokenizer(args.model, dtype=weights_dtype(args, device))
         steps = args.warmup + args.steps
-        data = batches(tokenizer, args.data, args.batch, args.max_length, steps, packed=args.setup == "pock_packed")
+        data = batches(tokenizer, args.data, args.batch, args.max_length, steps, packed=args.setup.endswith(PACKED))
         model = model.to(device)
     return model, [{key: value.to(device) for key, value in batch.items()} for batch in data]
 
