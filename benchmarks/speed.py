@@ -43,6 +43,7 @@ SETUPS = {
     "pock": "+ label-only chunked loss (Pock default)",
     "pock_in_backward": "+ optimizer step inside backward",
     "pock_cached": "+ frozen-prefix cache (warm)",
+    "pock_compiled": "Pock default, decoder layers under torch.compile",
     "pock_nf4": "Pock default on NF4 frozen weights",
     "pock_packed": "Pock default on padding-free (packed) batches",
     "full_packed": "full fine-tuning on padding-free (packed) batches",
@@ -194,6 +195,7 @@ def run_one(args) -> dict:
     """Time one setup in this process; returns its row."""
     from pock_hf import PrefixCache
     from pock_hf.data import model_inputs, real_token_count
+    from pock_hf.engine.compile import compile_decoder_layers
     from pock_hf.engine.memory import peak_memory_mb
     from pock_hf.engine.training import make_optimizer, training_step
 
@@ -204,6 +206,8 @@ def run_one(args) -> dict:
     scheme = load_scheme(args, model.config.num_hidden_layers)
     model = build(args.setup, model, scheme, args.last_k, args.shira_r)
     model.train()
+    if args.setup == "pock_compiled":  # the warm-up steps absorb the compilation
+        compile_decoder_layers(model)
     cast = autocast_dtype(args, device)
 
     def context() -> contextlib.ExitStack:

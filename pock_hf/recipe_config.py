@@ -155,7 +155,9 @@ class TrainSection:
     `resume_from_checkpoint` is `latest` (the newest complete one in the output folder, if any) or a checkpoint folder.
     `mixed_precision`: `auto` takes accelerate's setting (`accelerate launch --mixed_precision` / its config).
     `prefix_cache_mb` > 0 (Pock only): keep the hidden states at the depth cut of up to this many MB of training
-    examples, so steps over examples seen before skip the frozen layers below the cut (exact; `PrefixCache`)."""
+    examples, so steps over examples seen before skip the frozen layers below the cut (exact; `PrefixCache`).
+    `compile`: `torch.compile` the decoder layers (`pock_hf.engine.compile`; the first step compiles for tens of
+    seconds; measured slower than eager for a Pock step on a 2-core AVX2 CPU, so off by default)."""
 
     steps: int = 60
     batch_size: int = 8
@@ -167,6 +169,7 @@ class TrainSection:
     max_grad_norm: float | None = None
     optimizer_in_backward: bool = False
     prefix_cache_mb: float = 0.0
+    compile: bool = False
     mixed_precision: str = "auto"
     seed: int = 0
     log_every: int = 1

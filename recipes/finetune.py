@@ -50,6 +50,7 @@ from pock_hf.data.personal import (
     write_personal_dataset,
 )
 from pock_hf.demo import evaluate_personal, generate_replies, plot_losses, summary_table
+from pock_hf.engine.compile import compile_decoder_layers
 from pock_hf.engine.memory import current_memory_mb, peak_memory_mb, release_free_memory, reset_peak_memory
 from pock_hf.engine.optim_in_backward import OptimizerInBackward
 from pock_hf.engine.precision import AUTO, Precision, resolve_dtype
@@ -683,6 +684,8 @@ class FinetuneRecipe:
         self.prefix_cache = (
             PrefixCache(config.train.prefix_cache_mb).attach(model) if config.train.prefix_cache_mb else None
         )
+        if config.train.compile:  # after wrapping and the cache's patches, so the compiled code holds them
+            self.log(f"Compiling {compile_decoder_layers(model)} decoder layers (the first step takes longer)")
         self.optimizer = make_optimizer(
             model,
             lr=config.train.lr,

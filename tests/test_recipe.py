@@ -134,6 +134,17 @@ def test_quantize_frozen_with_a_fixed_scheme_loads_quantized(run, tiny_model, tm
         assert not torch.allclose(tuned(**batch).logits, plain(**batch).logits)
 
 
+def test_train_compile_gives_the_eager_losses(run, tiny_model, tmp_path):
+    rows = write_rows(tmp_path / "rows.json")
+    losses = {}
+    for compiled in ("false", "true"):
+        output = tmp_path / f"out-{compiled}"
+        config = write_config(tmp_path / f"{compiled}.yaml", tiny_model, rows, output)
+        assert run(config, f"train.compile={compiled}", "train.steps=2") == 0
+        losses[compiled] = read_report(output)["losses"]
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
+
+
 def test_planned_from_a_measured_table_under_a_budget(run, tiny_model, tmp_path):
     output = tmp_path / "out"
     config = write_config(
