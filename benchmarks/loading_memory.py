@@ -88,11 +88,15 @@ def markdown(results: list[dict], machine: str) -> str:
     lines = [
         f"Loading peaks on {machine} (growth over the process before loading).",
         "",
-        "| mode | dtype | anon peak (MB) | anon after (MB) | resident peak (MB) | seconds | anon peak / full precision |",
+        (
+            "| mode | dtype | anon peak (MB) | anon after (MB) | resident peak (MB) | seconds | "
+            "anon peak / full precision |"
+        ),
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in results:
-        ratio = f"{r['anon_peak_mb'] / reference['anon_peak_mb']:.2f}" if reference and reference["anon_peak_mb"] else ""
+        full = reference["anon_peak_mb"] if reference else 0
+        ratio = f"{r['anon_peak_mb'] / full:.2f}" if full else ""
         lines.append(
             f"| {r['mode']} | {r['dtype']} | {r['anon_peak_mb']:,.0f} | {r['anon_after_mb']:,.0f} | "
             f"{r['resident_peak_mb']:,.0f} | {r['seconds']:.1f} | {ratio} |"

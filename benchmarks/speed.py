@@ -372,21 +372,26 @@ def run_setups(script: str | Path, argv: list[str], setups: list[str]) -> list[d
     return results
 
 
+def write_results(args: argparse.Namespace, stem: str, results: list[dict], markdown: str, **settings) -> None:
+    """`<stem>.json` (the arguments, `settings` and the rows) and `<stem>.md` (the table) in `args.output`."""
+    from pock_hf.io.files import atomic_write_text
+
+    arguments = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+    report = {"settings": {**arguments, **settings}, "results": results}
+    atomic_write_text(args.output / f"{stem}.json", json.dumps(report, indent=2))
+    atomic_write_text(args.output / f"{stem}.md", markdown + "\n")
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     if args.setup:
         print(json.dumps(run_one(args)))
         return []
-    from pock_hf.io.files import atomic_write_text
-
     argv = sys.argv[1:] if argv is None else argv
     results = run_setups(__file__, argv, args.setups.split(","))
     device_capability = capability(torch.device(args.device))
     markdown = table(results, device_capability)
-    settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
-    settings["device_capability"] = device_capability
-    atomic_write_text(args.output / "speed.json", json.dumps({"settings": settings, "results": results}, indent=2))
-    atomic_write_text(args.output / "speed.md", markdown + "\n")
+    write_results(args, "speed", results, markdown, device_capability=device_capability)
     plot(results, args.output / "speed.png", f"batch {args.batch} x {args.max_length}, {args.device}")
     print(markdown)
     return results

@@ -200,14 +200,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.setup:
         print(json.dumps(run_one(args)))
         return []
-    from pock_hf.io.files import atomic_write_text
-
     argv = sys.argv[1:] if argv is None else argv
     results = speed.run_setups(__file__, argv, args.setups.split(","))
     markdown = table(results)
-    settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
-    atomic_write_text(args.output / "trl_sft.json", json.dumps({"settings": settings, "results": results}, indent=2))
-    atomic_write_text(args.output / "trl_sft.md", markdown + "\n")
+    speed.write_results(args, "trl_sft", results, markdown)
     print(markdown)
     return results
 

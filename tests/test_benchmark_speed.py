@@ -8,20 +8,13 @@ import subprocess
 
 import pytest
 
-from .tiny import BENCHMARKS, load_benchmark, save_tiny_checkpoint
+from .tiny import BENCHMARKS, load_benchmark, tiny_benchmark_args
 
 
 @pytest.fixture
 def tiny_run(tmp_path):
-    model = save_tiny_checkpoint(tmp_path / "tiny")
-    data = tmp_path / "rows.json"
-    rows = [
-        {"instruction": f"Count to {i}.", "input": "", "output": " ".join(map(str, range(i + 3)))} for i in range(8)
-    ]
-    data.write_text(json.dumps(rows))
-    common = ["--model", str(model), "--data", str(data), "--batch", "2", "--max-length", "64", "--last-k", "2"]
-    common += ["--shira-r", "4"]  # the tiny model's 32-wide layers cannot take SHiRA's default rank
-    return common + ["--warmup", "1", "--steps", "1", "--output", str(tmp_path / "out")]
+    # the tiny model's 32-wide layers cannot take SHiRA's default rank
+    return [*tiny_benchmark_args(tmp_path), "--shira-r", "4"]
 
 
 def test_every_setup_runs_and_reports(tiny_run):

@@ -7,19 +7,12 @@ import json
 
 import pytest
 
-from .tiny import load_benchmark, save_tiny_checkpoint
+from .tiny import load_benchmark, tiny_benchmark_args
 
 
 @pytest.fixture
 def tiny_run(tmp_path) -> list[str]:
-    model = save_tiny_checkpoint(tmp_path / "tiny")
-    data = tmp_path / "rows.json"
-    rows = [
-        {"instruction": f"Count to {i}.", "input": "", "output": " ".join(map(str, range(i + 3)))} for i in range(8)
-    ]
-    data.write_text(json.dumps(rows))
-    common = ["--model", str(model), "--data", str(data), "--batch", "2", "--max-length", "64", "--last-k", "2"]
-    return common + ["--warmup", "1", "--steps", "1", "--threads", "1", "--output", str(tmp_path / "out")]
+    return [*tiny_benchmark_args(tmp_path), "--threads", "1"]
 
 
 def test_every_setup_trains_and_reports(tiny_run):

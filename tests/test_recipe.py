@@ -101,14 +101,20 @@ def test_dtype_auto_takes_bf16_frozen_weights_on_a_bf16_cpu(method, used, run, t
         assert saved and all(tensor.dtype == torch.float32 for tensor in saved.values() if tensor.is_floating_point())
 
 
-def test_packed_batches_train_exactly_as_padded_ones(run, tiny_model, tmp_path):
+def losses_off_and_on(run, tiny_model, tmp_path, option: str, *overrides: str) -> dict[str, list[float]]:
+    """The training losses of the pock recipe with the boolean `option` "false" and "true"."""
     rows = write_rows(tmp_path / "rows.json")
     losses = {}
-    for packing in ("false", "true"):
-        output = tmp_path / f"out-{packing}"
-        config = write_config(tmp_path / f"{packing}.yaml", tiny_model, rows, output, method="pock")
-        assert run(config, f"data.packing={packing}") == 0
-        losses[packing] = read_report(output)["losses"]
+    for value in ("false", "true"):
+        output = tmp_path / f"out-{value}"
+        config = write_config(tmp_path / f"{value}.yaml", tiny_model, rows, output)
+        assert run(config, f"{option}={value}", *overrides) == 0
+        losses[value] = read_report(output)["losses"]
+    return losses
+
+
+def test_packed_batches_train_exactly_as_padded_ones(run, tiny_model, tmp_path):
+    losses = losses_off_and_on(run, tiny_model, tmp_path, "data.packing")
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
     assert losses["true"][-1] < losses["true"][0]
 
@@ -135,13 +141,7 @@ def test_quantize_frozen_with_a_fixed_scheme_loads_quantized(run, tiny_model, tm
 
 
 def test_train_compile_gives_the_eager_losses(run, tiny_model, tmp_path):
-    rows = write_rows(tmp_path / "rows.json")
-    losses = {}
-    for compiled in ("false", "true"):
-        output = tmp_path / f"out-{compiled}"
-        config = write_config(tmp_path / f"{compiled}.yaml", tiny_model, rows, output)
-        assert run(config, f"train.compile={compiled}", "train.steps=2") == 0
-        losses[compiled] = read_report(output)["losses"]
+    losses = losses_off_and_on(run, tiny_model, tmp_path, "train.compile", "train.steps=2")
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
 
 

@@ -39,6 +39,19 @@ def tiny_batch(seed: int = 1, batch: int = 2, length: int = 12, vocab: int = TIN
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
 
 
+def tiny_benchmark_args(root: Path) -> list[str]:
+    """Command-line arguments that point a benchmark script at a tiny checkpoint and 8 instruction rows under `root`,
+    in batches of 2 x 64 tokens, one warm-up and one timed step, the last 2 layers updated."""
+    model = save_tiny_checkpoint(root / "tiny")
+    data = root / "rows.json"
+    rows = [
+        {"instruction": f"Count to {i}.", "input": "", "output": " ".join(map(str, range(i + 3)))} for i in range(8)
+    ]
+    data.write_text(json.dumps(rows))
+    common = ["--model", str(model), "--data", str(data), "--batch", "2", "--max-length", "64", "--last-k", "2"]
+    return common + ["--warmup", "1", "--steps", "1", "--output", str(root / "out")]
+
+
 def save_tiny_checkpoint(folder, **overrides):
     """A tiny random Llama with the byte-level chat tokenizer (pad = eos), saved as an ordinary HF checkpoint folder
     that `load_model_and_tokenizer(folder)` and the command-line tools read; returns the folder."""
