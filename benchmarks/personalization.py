@@ -8,9 +8,12 @@ process of its own, so its peak memory is the process's own (measured, not predi
 
 - `hand`: the MLPs of layers 18-29 at 25% of their channels (hand-picked). Its measured peak is the memory ceiling
   the planners get, so every planned scheme is compared at equal or lower peak memory.
-- `planned`: the planner as shipped (AdamW proxy with replay damage, measured schemes, gain model, stops where
-  predicted gain - damage stops growing), ceiling = `hand`'s peak.
-- `additive`: the planner before it (SGD proxy, additive gains, no damage, spends the whole ceiling).
+- `planned`: the planner as shipped (AdamW proxy with replay damage; the table's best schemes at three depths, all
+  blocks or MLPs only, trained for real with checkpointing above the cut; the cheapest within noise of the best
+  measured gain - damage), ceiling = `hand`'s peak.
+- `curve`: the planner of the previous release (budget-spanning measured schemes, saturation curve, no
+  checkpointing).
+- `additive`: the planner before that (SGD proxy, additive gains, no damage, spends the whole ceiling).
 - `last6`: layers 24-29, every linear at 25%.
 - `random`: `--random` schemes drawn at random from the planned run's table, each filling the planned scheme's
   predicted memory (mean reported).
@@ -35,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "finetune.py"
 CONFIG = ROOT / "recipes" / "configs" / "demo_cpu.yaml"
-SYSTEMS = ("hand", "planned", "additive", "last6", "random", "lora", "full", "full_time")
+SYSTEMS = ("hand", "planned", "curve", "additive", "last6", "random", "lora", "full", "full_time")
 METRICS = ("fact_recall", "general_retention", "heldout_loss", "peak_memory_mb")
 STATIC = "pock.measure=null"  # a scheme given by layers or file: no measurement
 
@@ -53,8 +56,11 @@ def overrides(system: str, ceiling_mb: float | None, num_layers: int = 30) -> li
         return [STATIC, *layers[system], "pock.ratio=0.25", "budget.memory_mb=null"]
     if system == "planned":
         return [f"budget.memory_mb={ceiling_mb:.1f}"]
+    previous = ["pock.measure_depths=null", "pock.gradient_checkpointing=false"]
+    if system == "curve":
+        return [f"budget.memory_mb={ceiling_mb:.1f}", *previous, "pock.measure_schemes=4"]
     if system == "additive":
-        return [f"budget.memory_mb={ceiling_mb:.1f}", "pock.proxy_optimizer=sgd", "pock.measure_schemes=0",
+        return [f"budget.memory_mb={ceiling_mb:.1f}", *previous, "pock.proxy_optimizer=sgd", "pock.measure_schemes=0",
                 "pock.spend=budget", "pock.damage_weight=0", "pock.measure_replay=false"]  # fmt: skip
     if system in ("lora", "full", "full_time"):
         return [f"method={'lora' if system == 'lora' else 'full'}", "pock.measure=null", "budget.memory_mb=null",

@@ -137,6 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
     sens.add_argument(
         "--schemes", type=int, default=4, help="whole schemes to train under the ceiling for the gain model (0: none)"
     )
+    sens.add_argument(
+        "--depths",
+        type=parse_floats,
+        help="measured schemes span depth instead: the table's best under the ceiling reaching the upper fractions "
+        "of the layers, e.g. 0.2,0.4,0.6 (`pock plan` then picks among them)",
+    )
+    sens.add_argument("--blocks", default="all", help="with --depths: all and/or blocks of a layer, e.g. all,mlp")
+    sens.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="profile and train the schemes checkpointed above the cut",
+    )
     add_budget_arguments(sens.add_argument_group("ceiling of the measured schemes"))
     sens.add_argument("--no-costs", action="store_true", help="skip profiling this device's costs")
     sens.add_argument("--profile-batch", type=positive_int, default=4, help="batch size of the cost profile")
@@ -229,7 +241,12 @@ def run_sensitivity(args: argparse.Namespace) -> None:
     ]
     partial.unlink(missing_ok=True)  # only now: the finished table is on disk
     if not args.no_costs:
-        costs = profile_costs(model, batch_size=args.profile_batch, seq_len=args.profile_seq)
+        costs = profile_costs(
+            model,
+            batch_size=args.profile_batch,
+            seq_len=args.profile_seq,
+            gradient_checkpointing=args.gradient_checkpointing,
+        )
         outputs.append(costs.to_json(args.out.parent / "costs.json"))
         if schemes:
             table = measure_schemes(
@@ -243,6 +260,9 @@ def run_sensitivity(args: argparse.Namespace) -> None:
                 budget_mb=budget_mb,
                 budget_time_ratio=args.budget_time_ratio,
                 count=schemes,
+                gradient_checkpointing=args.gradient_checkpointing,
+                depths=args.depths,
+                blocks=args.blocks.split(","),
             )
             table.to_json(args.out)
             print(f"Measured {len(table.schemes)} schemes for the gain model (see `pock plan`).")

@@ -86,7 +86,10 @@ class PockSection:
     proxy backward (memory; same result), `measure_replay` the base model's replies to everyday probe prompts as
     replay data (each unit's damage), `measure_schemes` how many whole schemes to train for the gain model (0: plan on
     the additive score), each for `measure_scheme_steps` steps (default: `train.steps` up to 60: what the run will train),
-    `proxy_optimizer` the optimizer the proxy estimates. `profile_depths` is how many cut depths
+    `proxy_optimizer` the optimizer the proxy estimates. `measure_depths` (fractions of the layers backward may reach,
+    e.g. [0.2, 0.4, 0.6]) makes the measured schemes span depth instead: the table's best scheme under the ceiling at
+    each depth for each of `measure_blocks` ("all", "mlp", "self_attn"), and the plan the cheapest of them within noise
+    of the best measured (`measure_schemes` then does not count). `profile_depths` is how many cut depths
     the cost profile times (the rest interpolated). `spend` is `gain` (stop where predicted gain - `damage_weight` x
     damage stops growing) or `budget` (spend the ceiling). The rest are `PockConfig` options."""
 
@@ -110,6 +113,8 @@ class PockSection:
     measure_replay: bool = True
     measure_schemes: int = 4
     measure_scheme_steps: int | None = None
+    measure_depths: list[float] | None = None
+    measure_blocks: list[str] = field(default_factory=lambda: ["all"])
     proxy_optimizer: str = "adamw"
     profile_depths: int = 8
     spend: str = "gain"
@@ -411,6 +416,20 @@ def validate(config: RecipeConfig, source: str = "config") -> None:
         _choice(pock.spend, ("gain", "budget"), "pock.spend", source)
         _positive(pock.measure_micro_batch, "pock.measure_micro_batch", source)
         _positive(pock.measure_scheme_steps, "pock.measure_scheme_steps", source)
+        for depth in pock.measure_depths or []:
+            if isinstance(depth, bool) or not isinstance(depth, (int, float)) or not 0 < depth <= 1:
+                raise RecipeConfigError(
+                    f"{source}: pock.measure_depths holds fractions of the layers backward may reach, in (0, 1]; "
+                    f"got {depth!r}"
+                )
+        if pock.measure_depths is not None and not pock.measure_depths:
+            raise RecipeConfigError(f"{source}: pock.measure_depths is empty; leave it unset or give depths")
+        blocks = ["all", *sorted({module.split(".")[0] for module in pock.modules})]
+        if not pock.measure_blocks or any(block not in blocks for block in pock.measure_blocks):
+            raise RecipeConfigError(
+                f"{source}: pock.measure_blocks must list blocks of pock.modules, from {blocks}; got "
+                f"{pock.measure_blocks}"
+            )
         _positive(pock.damage_weight, "pock.damage_weight", source, allow_zero=True)
         if pock.measure_schemes == 1 or pock.measure_schemes < 0:
             raise RecipeConfigError(

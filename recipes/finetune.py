@@ -340,7 +340,20 @@ def profile_device(config: RecipeConfig, model, batch: dict) -> CostProfile:
         repeats=1,
         measure_full=config.budget.time_ratio is not None,
         budget_mb=budget_mb(config),
+        gradient_checkpointing=config.pock.gradient_checkpointing,
     )
+
+
+def check_costs_checkpointing(costs: CostProfile, checkpointing: bool, source: str | None) -> None:
+    """Raise `RecipeConfigError` when a cost profile file was measured with checkpointing other than this run's: its
+    activation memory would be the other setting's (profiles from before the setting count as without it)."""
+    profiled = bool(costs.settings.get("gradient_checkpointing", False))
+    if profiled != checkpointing:
+        raise RecipeConfigError(
+            f"The cost profile {source} was measured {'with' if profiled else 'without'} gradient checkpointing, but "
+            f"pock.gradient_checkpointing is {str(checkpointing).lower()}: its memory figures do not hold for this "
+            "run. Set pock.gradient_checkpointing to match, or profile again (leave pock.costs unset)."
+        )
 
 
 def scheme_steps(config: RecipeConfig) -> int:
@@ -717,10 +730,13 @@ class FinetuneRecipe:
             costs = profile_device(config, self.model, self.train_collate(longest))
             self.record_memory("cost profile")
         costs.check_model(self.model)
-        if measured and pock.measure_schemes:
+        check_costs_checkpointing(costs, pock.gradient_checkpointing, pock.costs)
+        if measured and (pock.measure_schemes or pock.measure_depths):
             steps = scheme_steps(config)
             self.log(
-                f"Training {pock.measure_schemes} schemes of growing size ({steps} steps each) for the gain model"
+                f"Training schemes of growing depth ({steps} steps each) to plan on what they measure"
+                if pock.measure_depths
+                else f"Training {pock.measure_schemes} schemes of growing size ({steps} steps each) for the gain model"
             )
             table = measure_schemes(
                 self.model,
@@ -734,6 +750,9 @@ class FinetuneRecipe:
                 steps=scheme_steps(config),
                 lr=config.train.lr,
                 axis=pock.channel_axis,
+                gradient_checkpointing=pock.gradient_checkpointing,
+                depths=pock.measure_depths,
+                blocks=pock.measure_blocks,
                 progress=self.is_main,
             )
             self.record_memory("measured schemes")

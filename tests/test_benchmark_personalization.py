@@ -16,14 +16,17 @@ def test_personalization_benchmark_end_to_end(tmp_path):
     bench = load_benchmark("personalization")
     out = tmp_path / "out"
     argv = ["--model", str(save_tiny_checkpoint(tmp_path / "tiny")), "--layers", "4", "--profiles", "tomasz"]
-    argv += ["--seeds", "0", "--systems", "hand", "planned", "additive", "random", "full_time", "--random", "1"]
+    argv += ["--seeds", "0", "--systems", "hand", "planned", "curve", "additive", "random", "full_time"]
+    argv += ["--random", "1"]
     argv += ["--steps", "2", "--output", str(out), "--set", "pock.profile_depths=2", "train.batch_size=4"]
     result = bench.main(argv)
     runs = result["runs"]["tomasz/0"]
-    assert set(runs) == {"hand", "planned", "additive", "random", "full", "full_time"}
+    assert set(runs) == {"hand", "planned", "curve", "additive", "random", "full", "full_time"}
     ceiling = runs["hand"][0]["peak_memory_mb"]
     planned = json.loads((out / "tomasz_seed0" / "planned" / "scheme.json").read_text())
-    assert planned["budget_mb"] == pytest.approx(ceiling, abs=0.1) and planned["gain_model"] is not None
+    assert planned["budget_mb"] == pytest.approx(ceiling, abs=0.1) and planned["selection"] == "measured"
+    curve = json.loads((out / "tomasz_seed0" / "curve" / "scheme.json").read_text())
+    assert curve["gain_model"] is not None and curve["selection"] == "predicted"
     additive = json.loads((out / "tomasz_seed0" / "additive" / "scheme.json").read_text())
     assert additive["gain_model"] is None and additive["spend"] == "budget"
     for system, reports in runs.items():

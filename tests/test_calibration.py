@@ -101,3 +101,40 @@ def test_example_losses_leave_no_gradient_state(setup):
     data = prepare_measurement_data(None, train, train, batch_size=2, steps=1, max_length=256, seed=0)
     sums, counts = example_losses(model, data.eval_batches)
     assert len(sums) == len(train) and all(p.grad is None for p in model.parameters())
+
+
+def test_checkpointed_schemes_train_to_the_same_gains_and_leave_the_model_as_it_was(setup):
+    model, table, costs, (train, evaluation, replay) = setup
+    ceiling = costs.base_memory_mb(0) + 0.5
+    run = {"budget_mb": ceiling, "count": 2}
+    plain = measure_schemes(model, None, table, costs, train, evaluation, replay, **run).schemes
+    checkpointed = measure_schemes(
+        model, None, table, costs, train, evaluation, replay, gradient_checkpointing=True, **run
+    ).schemes
+    assert [s.units for s in checkpointed] == [s.units for s in plain]
+    # recomputation in backward changes memory, not the arithmetic
+    assert [s.gain for s in checkpointed] == pytest.approx([s.gain for s in plain], rel=1e-4, abs=1e-6)
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+def test_depth_candidates_reach_their_depth_and_train_their_block_only(setup):
+    from pock_hf.planning.calibration import depth_plans
+
+    model, table, costs, _ = setup
+    ceiling = costs.base_memory_mb(0) + 0.5
+    plans = depth_plans(table, costs, [1.0, 0.5], ["all", "mlp", "self_attn"], budget_mb=ceiling)
+    labels = [label for label, _ in plans]
+    assert labels[0].endswith("layers 2-3") and len(set(labels)) == len(labels)  # shallowest first, distinct
+    for label, plan in plans:
+        block, floor = label.split(", layers ")[0], int(label.split(", layers ")[1].split("-")[0])
+        assert plan.cut_layer >= floor and plan.predicted_memory_mb <= ceiling
+        if block != "all":
+            assert all(module.startswith(block + ".") for _, module, _ in plan.units)
+        # each is the table's best scheme of its block and depth under the ceiling, planned to the ceiling
+        rows = [r for r in table.rows if r.layer >= floor and (block == "all" or r.module.startswith(block + "."))]
+        same = make_plan(dataclasses.replace(table, rows=rows, schemes=[]), costs, budget_mb=ceiling, spend="budget")
+        assert same.units == plan.units
+    with pytest.raises(ValueError, match=r"Unknown block 'attn'; valid: \['all', 'mlp', 'self_attn'\]"):
+        depth_plans(table, costs, [0.5], ["attn"], budget_mb=ceiling)
+    with pytest.raises(ValueError, match="in \\(0, 1\\]; got 1.5"):
+        depth_plans(table, costs, [1.5], budget_mb=ceiling)

@@ -47,6 +47,24 @@ def test_sensitivity_then_plan_write_what_they_promise(tiny_checkpoint, tmp_path
     assert config.scheme and all(name.startswith("model.layers.") for name in config.scheme)
 
 
+def test_sensitivity_with_depth_candidates_then_plan_picks_a_measured_one(tiny_checkpoint, tmp_path):
+    folder, data = tiny_checkpoint
+    out = tmp_path / "sens" / "table.json"
+    common = ["--model", str(folder), "--data", str(data), "--eval-rows", "4", "--steps", "2", "--batch-size", "4"]
+    common += ["--method", "proxy", "--granularity", "module", "--ratios", "0.5,1", "--profile-seq", "16"]
+    depths = ["--depths", "0.5,1", "--blocks", "all,mlp", "--gradient-checkpointing", "--budget-mb", "100000"]
+    assert main(["sensitivity", *common, *depths, "--out", str(out)]) == 0
+    table = SensitivityTable.from_json(out)
+    assert table.settings["scheme_candidates"] == "depths" and table.schemes
+    assert CostProfile.from_json(out.parent / "costs.json").settings["gradient_checkpointing"] is True
+    scheme = tmp_path / "plan" / "scheme.json"
+    plan = ["plan", "--table", str(out), "--costs", str(out.parent / "costs.json"), "--budget-mb", "100000"]
+    assert main([*plan, "--out", str(scheme)]) == 0
+    chosen = json.loads(scheme.read_text())
+    assert chosen["selection"] == "measured"
+    assert sorted(map(tuple, chosen["units"])) in [sorted(map(tuple, s.units)) for s in table.schemes]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

@@ -74,10 +74,10 @@ def test_a_budget_skips_the_cuts_that_would_not_fit_and_extrapolates_their_activ
     process = {"peak": 0.0}
     real_step = costs_module._wrapped_step_s
 
-    def step(model, scheme, batch, repeats):
+    def step(model, scheme, batch, repeats, options):
         depth = int(next(iter(scheme)).split(".")[2])
         process["peak"] = 1000 + weights + activation[depth]
-        return real_step(model, scheme, batch, repeats)
+        return real_step(model, scheme, batch, repeats, options)
 
     monkeypatch.setattr(costs_module, "_wrapped_step_s", step)
     monkeypatch.setattr(costs_module, "peak_memory_mb", lambda device: process["peak"])
@@ -105,3 +105,23 @@ def test_the_full_step_is_timed_without_optimizer_state_or_kept_gradients():
     assert profile.settings["full_step"] == "timed" and profile.full_step_s > 0
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(before[name], p) for name, p in model.named_parameters())
+
+
+def test_a_checkpointed_profile_keeps_one_hidden_state_per_layer_above_the_cut():
+    model = tiny_llama()
+    shape = {"batch_size": 2, "seq_len": 16, "depths": [0, 3], "repeats": 1, "progress": False}
+    plain = profile_costs(model, **shape)
+    checkpointed = profile_costs(model, **shape, gradient_checkpointing=True)
+    assert checkpointed.settings["gradient_checkpointing"] and not plain.settings["gradient_checkpointing"]
+    # what each extra layer above the cut keeps: all its saved activations without checkpointing, only its input
+    # hidden state (batch x seq x hidden fp32 values) with it
+    hidden_mb = 2 * 16 * model.config.hidden_size * 4 / 2**20
+    plain_per_layer = plain.activation_mb_by_cut[0] - plain.activation_mb_by_cut[1]
+    checkpointed_per_layer = checkpointed.activation_mb_by_cut[0] - checkpointed.activation_mb_by_cut[1]
+    assert checkpointed_per_layer == pytest.approx(hidden_mb)
+    assert plain_per_layer > 4 * checkpointed_per_layer
+    # the profile measures what was asked whatever the model was left with, and gives the model its setting back
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert profile_costs(model, **shape).activation_mb_by_cut == plain.activation_mb_by_cut
+    assert all(layer.gradient_checkpointing for layer in model.model.layers)

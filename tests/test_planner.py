@@ -444,3 +444,49 @@ def test_a_measured_scheme_with_a_unit_missing_from_the_table_is_refused():
     table.schemes.append(SchemeMeasurement([(0, "mlp.gate_proj", 1.0)], 0.3, 0.01, None, None, 4, 0.0))
     with pytest.raises(ValueError, match="gate_proj"):
         make_plan(table, costs, budget_mb=100)
+
+
+# --- depth candidates: planned on what they measured -----------------------------------------------------------------
+
+
+def depth_candidates(table: SensitivityTable, candidates, se: float = 0.02):
+    """Measured depth candidates: (label, units, gain, damage) each, with paired errors `se`."""
+    return [
+        SchemeMeasurement(units, gain, se, damage, se, 4, 0.0, step_se=se, label=label)
+        for label, units, gain, damage in candidates
+    ]
+
+
+def test_depth_candidates_are_chosen_on_what_they_measured():
+    table, costs = uniform_instance()
+    shallow = [(3, module, 1.0) for module in MODULES]
+    deep = [(layer, module, 1.0) for layer in (1, 2, 3) for module in MODULES]
+    mid = [(layer, MODULES[0], 1.0) for layer in (1, 2, 3)]
+    # the deep scheme's additive score is the largest, but the middle one measured as much for less memory
+    table.schemes = depth_candidates(
+        table,
+        [
+            ("all, layers 3-3", shallow, 0.5, 0.0),
+            ("all, layers 1-3", deep, 0.9, 0.1),
+            ("a, layers 1-3", mid, 0.79, 0.0),
+        ],
+    )
+    table.settings["scheme_candidates"] = "depths"
+    ceiling = costs.base_memory_mb(0) + 12.5
+    plan = make_plan(table, costs, budget_mb=ceiling)
+    assert plan.selection == "measured" and sorted(plan.units) == sorted(mid)
+    assert plan.predicted_gain == 0.79 and plan.predicted_damage == 0.0
+    assert plan.predicted_gain_interval == pytest.approx((0.79 - 1.96 * 0.02, 0.79 + 1.96 * 0.02))
+    expected_memory = costs.base_memory_mb(1) + sum(costs.unit_memory_mb(m, r) for _, m, r in mid)
+    assert plan.predicted_memory_mb == pytest.approx(expected_memory)
+    assert [rung.label for rung in plan.ladder] == ["all, layers 3-3", "a, layers 1-3", "all, layers 1-3"]
+    assert "within noise (0.02)" in plan.stop_reason
+    # spend="budget" takes the best one, even by a hair; damage counts: with it ignored, the deep one is clearly best
+    assert sorted(make_plan(table, costs, budget_mb=ceiling, spend="budget").units) == sorted(deep)
+    assert sorted(make_plan(table, costs, budget_mb=ceiling, damage_weight=0.0).units) == sorted(deep)
+    # a ceiling the deep candidates do not fit leaves the shallow one; none fitting is an error naming the ceiling
+    assert sorted(make_plan(table, costs, budget_mb=costs.base_memory_mb(3) + 3).units) == sorted(shallow)
+    with pytest.raises(ValueError, match="None of the table's measured depth candidates fits"):
+        make_plan(table, costs, budget_mb=costs.base_memory_mb(3) + 1)
+    report = plan_report(plan, costs)
+    assert "Measured gain: 0.79" in report and "| a, layers 1-3, chosen |" in report

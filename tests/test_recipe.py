@@ -169,6 +169,37 @@ def test_planned_from_a_measured_table_under_a_budget(run, tiny_model, tmp_path)
     assert report["plan"]["units"] == len(plan["units"])
 
 
+def test_planned_among_measured_depths_with_checkpointing(run, tiny_model, tmp_path):
+    output = tmp_path / "out"
+    pock = {"measure": "proxy", "measure_steps": 2, "measure_eval_rows": 4, "profile_depths": 2}
+    depths = {"measure_depths": [0.5, 1.0], "measure_blocks": ["all", "mlp"], "gradient_checkpointing": True}
+    config = write_config(
+        tmp_path / "c.yaml",
+        tiny_model,
+        write_rows(tmp_path / "rows.json"),
+        output,
+        pock={**pock, **depths},
+        budget={"memory_mb": 4000},
+        train={"steps": 2},
+    )
+    assert run(config, "pock.layers=null") == 0
+    table = json.loads((output / "sensitivity.json").read_text())
+    assert table["settings"]["scheme_candidates"] == "depths"
+    labels = [scheme["label"] for scheme in table["schemes"]]
+    assert labels and all(label.startswith(("all, layers ", "mlp, layers ")) for label in labels)
+    for scheme in table["schemes"]:  # an MLP candidate trains MLPs only, and none reaches below its depth
+        floor = int(scheme["label"].split("layers ")[1].split("-")[0])
+        assert min(unit[0] for unit in scheme["units"]) >= floor
+        if scheme["label"].startswith("mlp"):
+            assert all(unit[1].startswith("mlp.") for unit in scheme["units"])
+    plan = json.loads((output / "scheme.json").read_text())
+    assert plan["selection"] == "measured"
+    chosen = next(s for s in table["schemes"] if sorted(map(tuple, s["units"])) == sorted(map(tuple, plan["units"])))
+    assert plan["predicted_gain"] == chosen["gain"]  # the plan's gain is what its scheme measured
+    assert json.loads((output / "costs.json").read_text())["settings"]["gradient_checkpointing"] is True
+    assert "Measured gain" in (output / "plan.md").read_text()
+
+
 def test_personalises_on_a_users_own_profile_file(run, tiny_model, tmp_path):
     profile = tmp_path / "me.json"
     facts = [

@@ -104,6 +104,12 @@ def test_missing_data_file_names_the_key_and_file(tmp_path):
         ("eval.tasks=[nowhere.jsonl:gen]", r"eval\.tasks\[0\]: file not found: nowhere\.jsonl"),
         ("eval.tasks=['']", r"eval\.tasks\[0\] is empty"),
         ("eval.limit=0", r"eval\.limit must be > 0"),
+        ("pock.measure_depths=[0.5,1.2]", r"pock\.measure_depths holds fractions .* in \(0, 1\]; got 1\.2"),
+        ("pock.measure_depths=[]", r"pock\.measure_depths is empty"),
+        (
+            "pock.measure_blocks=[attn]",
+            r"pock\.measure_blocks must list blocks of pock\.modules, from \['all', 'mlp', 'self_attn'\]",
+        ),
     ],
 )
 def test_bad_values_fail_naming_the_key(tmp_path, override, message):
@@ -175,3 +181,16 @@ def test_batches_are_a_pure_function_of_step_and_seed(recipe):
     seen = [i for batch in first for i in batch]
     assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))  # epochs are permutations
     assert first != [recipe.batch_indices(10, 4, step, seed=4) for step in range(5)]
+
+
+def test_a_cost_profile_measured_with_other_checkpointing_is_refused(recipe):
+    from pock_hf.planning.costs import profile_costs
+
+    from .tiny import tiny_llama
+
+    costs = profile_costs(tiny_llama(), batch_size=1, seq_len=8, depths=[3], repeats=1, progress=False)
+    recipe.check_costs_checkpointing(costs, False, "costs.json")
+    with pytest.raises(recipe.RecipeConfigError, match=r"costs.json was measured without gradient checkpointing"):
+        recipe.check_costs_checkpointing(costs, True, "costs.json")
+    del costs.settings["gradient_checkpointing"]  # a profile from before the setting was recorded
+    recipe.check_costs_checkpointing(costs, False, "costs.json")

@@ -7,6 +7,14 @@ for its `steps` AdamW steps, and records the validation gain and the replay dama
 paired over examples, and the standard error of each gain's difference from the previous scheme's (what tells two
 schemes apart). The table comes back with them in `schemes`; `make_plan` then fits the saturation curve.
 
+Budgets are one way to span schemes; depth is the other. The per-unit table ranks units by what they gain alone
+after a few steps, and that ranking can favour what a longer run does not reward: on the personalisation data the
+proxy values attention projections of the lowest layers most per MB, while after 60 steps the MLPs of the upper
+layers recall held-out facts best (`benchmarks/personalization.py`). With `depths`, the candidates are instead the
+table's best scheme under the ceiling for each reach of backward (the upper `depth` fraction of the layers) and each
+block of the layer (`blocks`: "all", or the first component of the module paths, "self_attn" or "mlp" in a Llama),
+and the planner picks among them by what they measured (`planner.make_plan`).
+
 Each trial trains one scheme under the ceiling, so it needs no more memory than the training it plans.
 """
 
@@ -20,9 +28,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..engine.memory import release_free_memory
+from ..tuner.depth_cut import is_checkpointing, set_checkpointing
 from .costs import CostProfile
 from .gain_model import SchemeMeasurement
-from .planner import make_plan
+from .planner import Plan, make_plan
 from .sensitivity import (
     example_losses,
     paired_difference,
@@ -31,6 +40,9 @@ from .sensitivity import (
     train_scheme,
 )
 from .table import SensitivityTable
+
+# a depth candidate trains units of every block of the layer, or of one (the first component of the module paths)
+ALL_BLOCKS = "all"
 
 
 def measure_schemes(
@@ -48,6 +60,9 @@ def measure_schemes(
     steps: int | None = None,
     lr: float | None = None,
     axis: str = "out",
+    gradient_checkpointing: bool = False,
+    depths: Sequence[float] | None = None,
+    blocks: Sequence[str] = (ALL_BLOCKS,),
     progress: bool = True,
 ) -> SensitivityTable:
     """A copy of `table` with `count` measured schemes (replacing any it had), for the gain model.
@@ -57,13 +72,17 @@ def measure_schemes(
     given: give the training run's own, since what a scheme gains and breaks after the run is what the gain model
     should predict (gains after a few steps favour small, concentrated schemes that a longer run overtakes). Schemes
     are the additive plans at `count` budgets from the smallest feasible one up to the ceiling (`budget_mb` MB and/or
-    `budget_time_ratio` of a full step), distinct ones only.
+    `budget_time_ratio` of a full step), distinct ones only. Each trains as the run will (`gradient_checkpointing`
+    above the cut, as the cost profile measured it), so it fits the memory the planner gave it; the model's own
+    checkpointing setting is restored afterwards. With `depths` (fractions in (0, 1] of the decoder layers that
+    backward may reach, from the top), the candidates are the best scheme under the ceiling for each depth and each
+    of `blocks`, distinct ones only; the table's `settings["scheme_candidates"]` says which kind it holds.
 
     Raises:
         ValueError: `count` below 2 or `steps` below 1, no ceiling, data other than the table's (both fingerprints named), a model other
             than the table's, or the planner's own errors (a ceiling too small for one unit).
     """
-    if isinstance(count, bool) or not isinstance(count, int) or count < 2:
+    if depths is None and (isinstance(count, bool) or not isinstance(count, int) or count < 2):
         raise ValueError(f"count must be an integer >= 2 (a curve needs two points), got {count!r}.")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ValueError(f"steps must be a positive integer, got {steps!r}.")
@@ -86,12 +105,19 @@ def measure_schemes(
             f"The data (fingerprint {data.fingerprint}) is not what the table was measured on "
             f"({table.data_fingerprint}): pass the same training, validation and replay rows."
         )
-    plans = _additive_plans(table, costs, budget_mb, budget_time_ratio, count, axis)
+    if depths is None:
+        labelled = [("", plan) for plan in _additive_plans(table, costs, budget_mb, budget_time_ratio, count, axis)]
+    else:
+        labelled = depth_plans(table, costs, depths, blocks, budget_mb=budget_mb, budget_time_ratio=budget_time_ratio,
+                               axis=axis)  # fmt: skip
     eval_before, eval_counts = example_losses(model, data.eval_batches)
     replay_before, replay_counts = example_losses(model, data.replay_batches) if data.replay_batches else (None, None)
     measurements, previous = [], None
-    for plan in tqdm(plans, desc="measuring schemes", unit="scheme", disable=not progress):
-        config = plan.to_config(channel_indices=scheme_channel_indices(table, plan.scheme))
+    was_checkpointing = is_checkpointing(model)
+    for label, plan in tqdm(labelled, desc="measuring schemes", unit="scheme", disable=not progress):
+        config = plan.to_config(
+            channel_indices=scheme_channel_indices(table, plan.scheme), gradient_checkpointing=gradient_checkpointing
+        )
         wrapped = train_scheme(model, config, data.train_batches, lr, settings["seed"])
         try:
             eval_after = example_losses(wrapped, data.eval_batches)[0]
@@ -105,6 +131,8 @@ def measure_schemes(
                 damage = -improvement
         finally:
             wrapped.unload()
+            if is_checkpointing(model) != was_checkpointing:
+                set_checkpointing(model, was_checkpointing)
             release_free_memory(next(model.parameters()).device)
         measurements.append(
             SchemeMeasurement(
@@ -116,9 +144,69 @@ def measure_schemes(
                 steps=len(data.train_batches),
                 memory_mb=plan.predicted_memory_mb,
                 step_se=step_se,
+                label=label,
             )
         )
-    return dataclasses.replace(table, schemes=measurements)
+    settings = {**table.settings, "scheme_candidates": "budgets" if depths is None else "depths"}
+    return dataclasses.replace(table, schemes=measurements, settings=settings)
+
+
+def depth_plans(
+    table: SensitivityTable,
+    costs: CostProfile,
+    depths: Sequence[float],
+    blocks: Sequence[str] = (ALL_BLOCKS,),
+    *,
+    budget_mb: float | None = None,
+    budget_time_ratio: float | None = None,
+    axis: str = "out",
+) -> list[tuple[str, Plan]]:
+    """(label, plan) for each depth and block: the table's best scheme under the ceiling among the units of that
+    block in the upper `depth` fraction of the layers, shallowest depth first, distinct schemes only; a depth and
+    block where nothing fits is left out.
+
+    Raises:
+        ValueError: a depth outside (0, 1], an unknown block (the message lists the table's), or no depth and block
+            with a scheme under the ceiling.
+    """
+    known = sorted({module.split(".")[0] for module in table.layer_modules})
+    for block in blocks:
+        if block != ALL_BLOCKS and block not in known:
+            raise ValueError(f"Unknown block {block!r}; valid: {[ALL_BLOCKS, *known]}.")
+    for depth in depths:
+        if isinstance(depth, bool) or not 0 < depth <= 1:
+            raise ValueError(f"A depth is the fraction of layers backward may reach, in (0, 1]; got {depth!r}.")
+    bare = dataclasses.replace(table, schemes=[])
+    num_layers = costs.num_layers
+    plans, seen = [], set()
+    for depth in sorted(depths):
+        floor = num_layers - max(1, round(depth * num_layers))
+        for block in blocks:
+            rows = [
+                row
+                for row in bare.rows
+                if row.layer >= floor and (block == ALL_BLOCKS or row.module.split(".")[0] == block)
+            ]
+            if not rows:
+                continue
+            try:
+                plan = make_plan(
+                    dataclasses.replace(bare, rows=rows),
+                    costs,
+                    budget_mb=budget_mb,
+                    budget_time_ratio=budget_time_ratio,
+                    axis=axis,
+                    spend="budget",
+                )
+            except ValueError:  # nothing of this block at this depth fits the ceiling
+                continue
+            key = tuple(sorted(plan.units))
+            if key not in seen:
+                seen.add(key)
+                plans.append((f"{block}, layers {floor}-{num_layers - 1}", plan))
+    if not plans:
+        raise ValueError(f"No scheme fits the ceiling at depths {list(depths)} and blocks {list(blocks)}.")
+    return plans
 
 
 def _additive_plans(table, costs, budget_mb, budget_time_ratio, count, axis) -> list:

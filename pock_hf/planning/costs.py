@@ -13,6 +13,11 @@ temporary state in its gradient hook, and the gradient is dropped there). With `
 too: cut depths whose step would not fit are neither timed nor held (their activation memory is extrapolated from the
 layers above, exactly for a stack of identical layers), and the full step, which saves more activations than any
 Pock cut, is estimated from the cut-0 step and the module updates instead of run.
+
+With `gradient_checkpointing`, every profiled step runs checkpointed above its cut, as the training will: autograd
+then saves only each checkpointed layer's input (and what lies outside the layers), which the same count sees, and
+the one layer recomputed at a time in backward is part of the measured overhead. A deep cut then costs little memory
+and more time, and the planner weighs both from what was measured.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from tqdm.auto import tqdm
 from ..engine.memory import current_memory_mb, peak_memory_mb, release_free_memory, reset_peak_memory
 from ..io.files import atomic_write_text, check_format_version, dataclass_from_json, read_json_object
 from ..tuner import PockConfig, get_pock_model
-from ..tuner.depth_cut import find_decoder_layers
+from ..tuner.depth_cut import find_decoder_layers, is_checkpointing, set_checkpointing
 from ..tuner.fingerprint import check_model_fingerprint, model_fingerprint
 from ..tuner.sparse_backward import channel_count
 from .sensitivity import layer_module_paths
@@ -164,6 +169,7 @@ def profile_costs(
     budget_mb: float | None = None,
     batch: dict | None = None,
     seed: int = 0,
+    gradient_checkpointing: bool = False,
     progress: bool = True,
 ) -> CostProfile:
     """Measure a `CostProfile` of `model` (plain, unwrapped) on the device it is on.
@@ -178,7 +184,9 @@ def profile_costs(
     a full fine-tuning step, the reference of `budget_time_ratio`; without it the cut-0 step stands in.
 
     With `budget_mb` (MB of process peak), depths whose step would exceed it are not run (see the module docstring);
-    `settings["untimed_depths"]` lists them.
+    `settings["untimed_depths"]` lists them. `gradient_checkpointing` profiles checkpointed steps (non-reentrant,
+    above the cut, as `PockConfig(gradient_checkpointing=True)` trains); `settings["gradient_checkpointing"]` records
+    it, and the model's own checkpointing setting is restored afterwards.
 
     Raises:
         ValueError: the budget is below what the model and one step at the top layer need (the message gives both).
@@ -201,13 +209,17 @@ def profile_costs(
     weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / MB
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     was_training = model.training
+    was_checkpointing = is_checkpointing(model)
     top = num_layers - 1
     release_free_memory(device)  # what earlier work freed is not this profile's overhead
     minimal = {depth: {f"{layers_name}.{depth}.{layer_modules[0]}": 1e-9} for depth in range(num_layers)}
+    options = {"channel_selection": "first", "gradient_checkpointing": gradient_checkpointing}
+    if was_checkpointing and not gradient_checkpointing:  # profile what was asked, not what the model was left with
+        set_checkpointing(model, False)
     try:
         with torch.no_grad():
             forward_s = _median_time(lambda: model(**batch, use_cache=False), repeats)
-        activation = _activation_by_cut(model, minimal, batch, weights_mb, budget_mb, device)
+        activation = _activation_by_cut(model, minimal, batch, weights_mb, budget_mb, device, options)
         overhead, measured, untimed = 0.0, {}, []
         for depth in tqdm(
             sorted(set(depths) | {top}, reverse=True), desc="profiling cut depths", disable=not progress
@@ -216,7 +228,7 @@ def profile_costs(
                 untimed.append(depth)
                 continue
             reset_peak_memory(device)
-            measured[depth] = _wrapped_step_s(model, minimal[depth], batch, repeats)
+            measured[depth] = _wrapped_step_s(model, minimal[depth], batch, repeats, options)
             overhead = max(overhead, peak_memory_mb(device) - weights_mb - activation[depth])
             if budget_mb is not None and depth == top and overhead + weights_mb + activation[top] > budget_mb:
                 raise ValueError(
@@ -227,7 +239,7 @@ def profile_costs(
                 )
         unit_extra_s = {}
         for module in tqdm(layer_modules, desc="profiling module updates", disable=not progress):
-            full_module = _wrapped_step_s(model, {f"{layers_name}.{top}.{module}": 1.0}, batch, repeats)
+            full_module = _wrapped_step_s(model, {f"{layers_name}.{top}.{module}": 1.0}, batch, repeats, options)
             unit_extra_s[module] = max(0.0, full_module - measured[top])
         step_s_by_cut = _interpolate(measured, num_layers)
         full_step_s, full_step = step_s_by_cut[0], "cut 0"
@@ -241,6 +253,8 @@ def profile_costs(
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(requires_grad[name])
         model.train(was_training)
+        if is_checkpointing(model) != was_checkpointing:
+            set_checkpointing(model, was_checkpointing)
     # a deeper cut never costs more: smooth out timing noise so the planner's cost model is monotone
     for depth in range(num_layers - 2, -1, -1):
         step_s_by_cut[depth] = max(step_s_by_cut[depth], step_s_by_cut[depth + 1])
@@ -253,6 +267,7 @@ def profile_costs(
         "seed": seed,
         "budget_mb": budget_mb,
         "full_step": full_step,
+        "gradient_checkpointing": gradient_checkpointing,
     }
     return CostProfile(
         device=_device_name(device),
@@ -273,7 +288,7 @@ def profile_costs(
     )
 
 
-def _activation_by_cut(model, minimal, batch, weights_mb, budget_mb, device) -> list[float]:
+def _activation_by_cut(model, minimal, batch, weights_mb, budget_mb, device, options) -> list[float]:
     """Activation memory (MB) for every cut, counted exactly from the top down while the counting itself fits the
     budget (the process now, plus that cut's activations), extrapolated from the two deepest counted cuts below."""
     num_layers = len(minimal)
@@ -283,7 +298,7 @@ def _activation_by_cut(model, minimal, batch, weights_mb, budget_mb, device) -> 
             step = counted[depth + 1] - counted[depth + 2]
             if current_memory_mb(device) + counted[depth + 1] + step > budget_mb:
                 break
-        counted[depth] = _activation_mb(model, minimal[depth], batch)
+        counted[depth] = _activation_mb(model, minimal[depth], batch, options)
     deepest = min(counted)
     step = counted[deepest] - counted[deepest + 1] if deepest + 1 in counted else 0.0
     return [counted[d] if d in counted else counted[deepest] + (deepest - d) * step for d in range(num_layers)]
@@ -308,8 +323,8 @@ def _training_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimiz
     return step
 
 
-def _wrapped_step_s(model: nn.Module, scheme: dict[str, float], batch: dict, repeats: int) -> float:
-    wrapped = get_pock_model(model, PockConfig(scheme=scheme, channel_selection="first"))
+def _wrapped_step_s(model: nn.Module, scheme: dict[str, float], batch: dict, repeats: int, options: dict) -> float:
+    wrapped = get_pock_model(model, PockConfig(scheme=scheme, **options))
     wrapped.train()
     # lr 0: the optimizer does all its work but changes nothing
     optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=0.0)
@@ -319,9 +334,10 @@ def _wrapped_step_s(model: nn.Module, scheme: dict[str, float], batch: dict, rep
         wrapped.unload()
 
 
-def _activation_mb(model: nn.Module, scheme: dict[str, float], batch: dict) -> float:
-    """MB of the tensors autograd saves for backward in one forward (parameters excluded), with this scheme's cut."""
-    wrapped = get_pock_model(model, PockConfig(scheme=scheme, channel_selection="first"))
+def _activation_mb(model: nn.Module, scheme: dict[str, float], batch: dict, options: dict) -> float:
+    """MB of the tensors autograd saves for backward in one forward (parameters excluded), with this scheme's cut
+    (and checkpointing, as `options` say: a checkpointed layer saves its input through the same hook)."""
+    wrapped = get_pock_model(model, PockConfig(scheme=scheme, **options))
     wrapped.train()
     weights = {p.untyped_storage().data_ptr() for p in wrapped.parameters()}
     storages: dict[int, torch.UntypedStorage] = {}
@@ -336,7 +352,7 @@ def _activation_mb(model: nn.Module, scheme: dict[str, float], batch: dict) -> f
 
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda packed: packed):
-            wrapped(**batch)
+            wrapped(**batch, use_cache=False)
     finally:
         wrapped.unload()
     return sum(storage.nbytes() for storage in storages.values()) / MB

@@ -41,7 +41,8 @@ class SchemeMeasurement:
     (paired over validation examples); `damage` the measured loss increase on replay data (None without replay data)
     with `damage_se`; `steps` the training steps behind them; `memory_mb` the cost model's memory for the scheme;
     `step_se` the standard error of its gain minus the previous (cheaper) measured scheme's, paired over the same
-    examples (None for the first)."""
+    examples (None for the first); `label` what the scheme is (for depth-spanning candidates, e.g. "mlp, layers
+    18-29"; empty for budget-spanning ones)."""
 
     units: list[tuple[int, str, float]]
     gain: float
@@ -51,6 +52,7 @@ class SchemeMeasurement:
     steps: int
     memory_mb: float
     step_se: float | None = None
+    label: str = ""
 
 
 @dataclass(frozen=True)

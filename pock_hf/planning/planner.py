@@ -23,6 +23,10 @@ loss increase on replay data. The planner then:
    `spend="budget"` returns the top rung instead; so does a table without measured schemes, whose additive score
    cannot say where gain saturates (the report says so).
 
+A table whose measured schemes span depth rather than budget (`planning.calibration`, `depths`) is planned on what
+they measured instead: the plan is the cheapest measured scheme under the ceiling whose measured gain - damage is
+within noise of the best one (`spend="budget"`: the best one), and the report lists every candidate.
+
 Typical use:
 
     plan = make_plan(table, costs, budget_mb=DEVICE_BUDGETS_MB["gpu-24gb"])
@@ -33,6 +37,7 @@ Typical use:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import math
@@ -79,6 +84,7 @@ class LadderRung:
     additive_gain: float
     predicted_gain: float
     predicted_damage: float
+    label: str = ""
 
 
 @dataclass
@@ -95,6 +101,9 @@ class Plan:
     time. `budget_mb` (MB) and `budget_time_ratio` (fraction of `full_step_s`, the full fine-tuning step in s) are the
     ceilings (None: not constrained); `spend` says whether the plan stopped where gain stopped growing (`"gain"`) or
     spent the ceiling (`"budget"`), `ladder` holds the budgets it compared and `stop_reason` why it chose this one.
+    `selection` is `"predicted"` (gains from the fitted curve) or `"measured"` (the scheme was one of the table's
+    measured depth candidates: `predicted_gain` and `predicted_damage` are what it measured, and the ladder lists
+    the candidates).
     `axis` is the channel axis the unit memory was counted for; the fingerprints and `device` say which model, data
     and device it belongs to.
     """
@@ -123,6 +132,7 @@ class Plan:
     full_step_s: float | None = None
     axis: str = "out"
     device: str = ""
+    selection: str = "predicted"
     format_version: int = PLAN_FORMAT_VERSION
 
     def to_config(self, **pock_config_kwargs) -> PockConfig:
@@ -186,10 +196,12 @@ def make_plan(
             in a layer, duplicate units, unknown modules or layers, mixed metrics, no unit worth choosing); or a
             budget too small for even one unit (the message states the smallest feasible budget).
     """
-    planner = _Planner(table, costs, axis, damage_weight)
-    budget_s = planner.check_budgets(budget_mb, budget_time_ratio)
     if spend not in SPEND_MODES:
         raise ValueError(f"`spend` is {spend!r}; valid values are {SPEND_MODES}.")
+    if table.schemes and table.settings.get("scheme_candidates") == "depths":
+        return _measured_plan(table, costs, budget_mb, budget_time_ratio, axis, spend, damage_weight)
+    planner = _Planner(table, costs, axis, damage_weight)
+    budget_s = planner.check_budgets(budget_mb, budget_time_ratio)
     ladder = planner.ladder(budget_mb, budget_s)
     if not ladder:
         raise ValueError(planner.infeasible_message(budget_mb, budget_time_ratio))
@@ -247,7 +259,10 @@ def plot_gain_vs_budget(plan: Plan, path: str | os.PathLike, table: SensitivityT
     memory = [rung.memory_mb for rung in plan.ladder]
     figure, ax = plt.subplots(figsize=(6.8, 4.2))
     predicted = np.array([rung.predicted_gain for rung in plan.ladder])
-    ax.plot(memory, predicted, marker=".", label="predicted gain" if plan.gain_model else "additive gain")
+    label = (
+        "measured gain" if plan.selection == "measured" else "predicted gain" if plan.gain_model else "additive gain"
+    )
+    ax.plot(memory, predicted, marker=".", label=label)
     if plan.gain_model is not None:
         noise = 1.96 * plan.gain_model.noise
         ax.fill_between(memory, predicted - noise, predicted + noise, alpha=0.15, label="95% interval")
@@ -305,7 +320,14 @@ def plan_report(plan: Plan, costs: CostProfile) -> str:
     ]
     memory_budget = f"a {plan.budget_mb:.1f} MB ceiling" if plan.budget_mb is not None else "no memory ceiling"
     time_budget = f"ceiling {plan.budget_time_ratio:.1%}" if plan.budget_time_ratio is not None else "no time ceiling"
-    if plan.gain_model is not None and plan.predicted_gain_interval is not None:
+    if plan.selection == "measured" and plan.predicted_gain_interval is not None:
+        low, high = plan.predicted_gain_interval
+        gain_line = (
+            f"- Measured gain: {plan.predicted_gain:.4g} [{low:.4g}, {high:.4g}] ({plan.metric} improvement of this "
+            f"very scheme, trained as the run trains, chosen among {len(plan.ladder)} measured candidates; additive "
+            f"score {plan.additive_gain:.4g} over {len(plan.units)} units)"
+        )
+    elif plan.gain_model is not None and plan.predicted_gain_interval is not None:
         low, high = plan.predicted_gain_interval
         gain_line = (
             f"- Predicted gain: {plan.predicted_gain:.4g} [{low:.4g}, {high:.4g}] ({plan.metric} improvement, "
@@ -336,17 +358,90 @@ def plan_report(plan: Plan, costs: CostProfile) -> str:
         "|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for rung in plan.ladder:
-        mark = (
-            "chosen"
-            if math.isclose(rung.memory_mb, plan.predicted_memory_mb) and rung.units == len(plan.units)
-            else ""
-        )
+        chosen = math.isclose(rung.memory_mb, plan.predicted_memory_mb) and rung.units == len(plan.units)
+        mark = ", ".join(part for part in (rung.label, "chosen" if chosen else "") if part)
         lines.append(
             f"| {rung.memory_mb:.1f} | {rung.step_s:.3g} | {rung.units} | {rung.cut_layer} | {rung.additive_gain:.4g} "
             f"| {rung.predicted_gain:.4g} | {rung.predicted_damage:.4g} | {mark} |"
         )
     lines.append("")
     return "\n".join(lines)
+
+
+def _measured_plan(
+    table: SensitivityTable,
+    costs: CostProfile,
+    budget_mb: float | None,
+    budget_time_ratio: float | None,
+    axis: str,
+    spend: str,
+    damage_weight: float,
+) -> Plan:
+    """The plan among the table's measured depth candidates (see the module docstring): exact costs from `costs`,
+    gains and damage as measured, noise the typical paired standard error between two candidates."""
+    planner = _Planner(dataclasses.replace(table, schemes=[]), costs, axis, damage_weight)  # checks, costs
+    budget_s = planner.check_budgets(budget_mb, budget_time_ratio)
+    rows = {(row.layer, row.module, row.ratio): row for row in table.rows}
+    candidates = []
+    for measurement in table.schemes:
+        units = sorted(tuple(unit) for unit in measurement.units)
+        cut = units[0][0]
+        memory = costs.base_memory_mb(cut) + math.fsum(costs.unit_memory_mb(m, r, axis) for _, m, r in units)
+        step = costs.step_s_by_cut[cut] + math.fsum(costs.unit_time_s(m, r) for _, m, r in units)
+        if (budget_mb is None or memory <= budget_mb) and (budget_s is None or step <= budget_s):
+            value = measurement.gain - damage_weight * (measurement.damage or 0.0)
+            candidates.append((memory, step, value, units, measurement))
+    if not candidates:
+        raise ValueError(
+            "None of the table's measured depth candidates fits the ceiling "
+            f"(budget_mb={budget_mb}, budget_time_ratio={budget_time_ratio}): measure them under this ceiling."
+        )
+    candidates.sort(key=lambda candidate: candidate[0])
+    steps = [m.step_se for m in table.schemes if m.step_se is not None and math.isfinite(m.step_se)]
+    noise = float(np.median(steps if steps else [m.gain_se for m in table.schemes]))
+    best = max(candidates, key=lambda candidate: (candidate[2], -candidate[0]))
+    if spend == "budget":
+        chosen, reason = best, "spend='budget': the best measured candidate under the ceiling"
+    else:
+        chosen = next(candidate for candidate in candidates if candidate[2] >= best[2] - noise)
+        reason = (
+            f"cheapest measured candidate within noise ({noise:.3g}) of the best measured gain - damage "
+            f"({best[2]:.4g}: {best[4].label})"
+        )
+    memory, step, _, units, measurement = chosen
+    ladder = [
+        LadderRung(mb, s, len(u), u[0][0], math.fsum(rows[unit].gain for unit in u), m.gain, m.damage or 0.0, m.label)
+        for mb, s, _, u, m in candidates
+    ]
+    return Plan(
+        units=units,
+        scheme={name: ratio for layer, module, ratio in units for name in table.module_names(layer, module)},
+        cut_layer=units[0][0],
+        predicted_gain=measurement.gain,
+        predicted_memory_mb=memory,
+        predicted_step_s=step,
+        budget_mb=budget_mb,
+        budget_time_ratio=budget_time_ratio,
+        metric=table.rows[0].metric,
+        model_fingerprint=dict(table.model_fingerprint),
+        data_fingerprint=table.data_fingerprint,
+        additive_gain=math.fsum(rows[unit].gain for unit in units),
+        predicted_gain_interval=(
+            measurement.gain - 1.96 * measurement.gain_se,
+            measurement.gain + 1.96 * measurement.gain_se,
+        ),
+        predicted_damage=measurement.damage or 0.0,
+        unit_gains=[rows[unit].gain for unit in units],
+        unit_damages=[rows[unit].damage or 0.0 for unit in units],
+        damage_weight=damage_weight,
+        spend=spend,
+        ladder=ladder,
+        stop_reason=reason,
+        full_step_s=costs.full_step_s,
+        axis=axis,
+        device=costs.device,
+        selection="measured",
+    )
 
 
 # --- units and their exact costs -------------------------------------------------------------------------------------

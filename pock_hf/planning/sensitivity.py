@@ -366,7 +366,7 @@ def train_scheme(model: nn.Module, config: PockConfig, train_batches: list[dict]
     optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     wrapped.train()
     for batch in train_batches:
-        wrapped(**batch).loss.backward()
+        wrapped(**batch, use_cache=False).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return wrapped

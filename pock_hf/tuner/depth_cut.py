@@ -111,6 +111,25 @@ class CutForward(ForwardPatch):
         return forward(*args, **kwargs)
 
 
+def is_checkpointing(model: nn.Module) -> bool:
+    """Whether any module of `model` has transformers' activation checkpointing turned on."""
+    return any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
+
+
+def set_checkpointing(model: nn.Module, enable: bool) -> None:
+    """Turn transformers' activation checkpointing on (non-reentrant, which the depth cut wraps whole) or off, through
+    `activation_checkpointing_enable/disable` where this transformers has them, else the older `gradient_...` names
+    (deprecated from transformers 5.x)."""
+    if enable:
+        method = getattr(model, "activation_checkpointing_enable", None)
+        if method is not None:
+            method(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+
+
 def _detach_hidden_states(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     if args:
         return (args[0].detach(), *args[1:]), kwargs

@@ -14,7 +14,15 @@ from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
 from .config import PockConfig
-from .depth_cut import DepthCut, compute_cut, find_decoder_layers, install_depth_cut, layer_index_of, remove_depth_cut
+from .depth_cut import (
+    DepthCut,
+    compute_cut,
+    find_decoder_layers,
+    install_depth_cut,
+    layer_index_of,
+    remove_depth_cut,
+    set_checkpointing,
+)
 from .fingerprint import architecture_fingerprint, check_fingerprint
 from .layer import Linear, PockLayer
 from .loss import install_label_only_loss, remove_label_only_loss
@@ -218,7 +226,7 @@ class PockModel(BaseTuner):
         if config.label_only_loss and hasattr(model, "get_output_embeddings") and model.get_output_embeddings():
             install_label_only_loss(model, config.loss_chunk_size)
         if config.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            set_checkpointing(model, True)
 
     def _install_depth_cut_and_hooks(self, model: nn.Module) -> None:
         self._layers_name, layers = find_decoder_layers(model)
