@@ -457,7 +457,7 @@ def depth_candidates(table: SensitivityTable, candidates, se: float = 0.02):
     ]
 
 
-def test_depth_candidates_are_chosen_on_what_they_measured():
+def test_depth_candidates_are_chosen_on_what_they_measured(tmp_path):
     table, costs = uniform_instance()
     shallow = [(3, module, 1.0) for module in MODULES]
     deep = [(layer, module, 1.0) for layer in (1, 2, 3) for module in MODULES]
@@ -490,3 +490,4 @@ def test_depth_candidates_are_chosen_on_what_they_measured():
         make_plan(table, costs, budget_mb=costs.base_memory_mb(3) + 1)
     report = plan_report(plan, costs)
     assert "Measured gain: 0.79" in report and "| a, layers 1-3, chosen |" in report
+    assert plot_gain_vs_budget(plan, tmp_path / "plan.png", table=table).read_bytes()[:4] == b"\x89PNG"

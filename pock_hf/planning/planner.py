@@ -259,18 +259,22 @@ def plot_gain_vs_budget(plan: Plan, path: str | os.PathLike, table: SensitivityT
     memory = [rung.memory_mb for rung in plan.ladder]
     figure, ax = plt.subplots(figsize=(6.8, 4.2))
     predicted = np.array([rung.predicted_gain for rung in plan.ladder])
-    label = (
-        "measured gain" if plan.selection == "measured" else "predicted gain" if plan.gain_model else "additive gain"
-    )
-    ax.plot(memory, predicted, marker=".", label=label)
+    measured = plan.selection == "measured"
+    # measured candidates are separate schemes, not points on a curve: markers only, each named
+    style = {"marker": "o" if measured else ".", "linestyle": "none" if measured else "-"}
+    label = "measured gain" if measured else "predicted gain" if plan.gain_model else "additive gain"
+    ax.plot(memory, predicted, label=label, **style)
+    for rung in plan.ladder if measured else []:
+        ax.annotate(rung.label, (rung.memory_mb, rung.predicted_gain), fontsize=6, rotation=20)
     if plan.gain_model is not None:
         noise = 1.96 * plan.gain_model.noise
         ax.fill_between(memory, predicted - noise, predicted + noise, alpha=0.15, label="95% interval")
         ax.plot(memory, [rung.additive_gain for rung in plan.ladder], ":", color="grey", label="additive score")
     damage = [rung.predicted_damage for rung in plan.ladder]
     if any(damage):
-        ax.plot(memory, damage, marker=".", color="C2", label="predicted damage (replay loss increase)")
-    if table is not None and table.schemes:
+        what = "measured" if measured else "predicted"
+        ax.plot(memory, damage, color="C2", label=f"{what} damage (replay loss increase)", **style)
+    if table is not None and table.schemes and not measured:
         ax.errorbar(
             [s.memory_mb for s in table.schemes],
             [s.gain for s in table.schemes],
