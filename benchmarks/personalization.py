@@ -108,9 +108,7 @@ def random_scheme(planned: Path, rng: random.Random) -> dict[str, float]:
     chosen: list[tuple[int, str, float]] = []
     for layer, module in units:
         candidate = [*chosen, (layer, module, rng.choice(ratios))]
-        cut = min(unit[0] for unit in candidate)
-        memory = costs.base_memory_mb(cut) + sum(costs.unit_memory_mb(m, r) for _, m, r in candidate)
-        if memory <= limit:
+        if costs.scheme_cost(candidate)[0] <= limit:
             chosen = candidate
     return {name: ratio for layer, module, ratio in chosen for name in table.module_names(layer, module)}
 

@@ -23,6 +23,7 @@ and more time, and the planner weighs both from what was measured.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -107,6 +108,13 @@ class CostProfile:
     def unit_time_s(self, module: str, ratio: float) -> float:
         """Extra step time (s) of updating `module` (or `"*"`) at `ratio`."""
         return sum(self.unit_extra_s[name] for name in self.modules_of(module)) * ratio
+
+    def scheme_cost(self, units, axis: str = "out") -> tuple[float, float]:
+        """(memory MB, step s) of training `units`, (layer, module, ratio) triples: the base cost of their cut, the
+        deepest layer among them, plus each unit's own."""
+        cut = min(layer for layer, _, _ in units)
+        memory = self.base_memory_mb(cut) + math.fsum(self.unit_memory_mb(m, r, axis) for _, m, r in units)
+        return memory, self.step_s_by_cut[cut] + math.fsum(self.unit_time_s(m, r) for _, m, r in units)
 
     def base_memory_mb(self, cut: int) -> float:
         """Peak process memory (MB) of a step with cut `cut`, before the units' own memory: overhead, weights and

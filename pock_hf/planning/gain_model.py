@@ -125,10 +125,16 @@ def fit_gain_model(
         raise ValueError("Measured schemes need positive, finite additive scores and finite measured gains.")
     order = np.argsort(scores, kind="stable")
     curve_scores, curve_gains = _monotone_curve(scores[order], gains[order])
-    steps = [m.step_se for m in measurements if m.step_se is not None and math.isfinite(m.step_se)]
-    noise = float(np.median(steps if steps else [m.gain_se for m in measurements]))
+    noise = measurement_noise(measurements)
     per_score, per_gain = _fit_damage(measurements, scores, damage_scores)
     return GainModel(curve_scores, curve_gains, noise, per_score, per_gain, len(measurements))
+
+
+def measurement_noise(measurements: Sequence[SchemeMeasurement]) -> float:
+    """What separates two measured gains (metric units): the median paired standard error of the difference between
+    neighbouring measured schemes, or, where none was measured, the median of the gains' own standard errors."""
+    steps = [m.step_se for m in measurements if m.step_se is not None and math.isfinite(m.step_se)]
+    return float(np.median(steps if steps else [m.gain_se for m in measurements]))
 
 
 def _monotone_curve(scores: np.ndarray, gains: np.ndarray) -> tuple[list[float], list[float]]:

@@ -53,7 +53,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from ..io.files import atomic_write_text, check_format_version, dataclass_from_json, read_json_object, save_figure
 from ..tuner import PockConfig
 from ..tuner.config import CHANNEL_AXES
-from .gain_model import GainModel, fit_gain_model
+from .gain_model import GainModel, fit_gain_model, measurement_noise
 from .table import WHOLE_LAYER, SensitivityTable
 
 if TYPE_CHECKING:
@@ -389,9 +389,7 @@ def _measured_plan(
     candidates = []
     for measurement in table.schemes:
         units = sorted(tuple(unit) for unit in measurement.units)
-        cut = units[0][0]
-        memory = costs.base_memory_mb(cut) + math.fsum(costs.unit_memory_mb(m, r, axis) for _, m, r in units)
-        step = costs.step_s_by_cut[cut] + math.fsum(costs.unit_time_s(m, r) for _, m, r in units)
+        memory, step = costs.scheme_cost(units, axis)
         if (budget_mb is None or memory <= budget_mb) and (budget_s is None or step <= budget_s):
             value = measurement.gain - damage_weight * (measurement.damage or 0.0)
             candidates.append((memory, step, value, units, measurement))
@@ -401,8 +399,7 @@ def _measured_plan(
             f"(budget_mb={budget_mb}, budget_time_ratio={budget_time_ratio}): measure them under this ceiling."
         )
     candidates.sort(key=lambda candidate: candidate[0])
-    steps = [m.step_se for m in table.schemes if m.step_se is not None and math.isfinite(m.step_se)]
-    noise = float(np.median(steps if steps else [m.gain_se for m in table.schemes]))
+    noise = measurement_noise(table.schemes)
     best = max(candidates, key=lambda candidate: (candidate[2], -candidate[0]))
     if spend == "budget":
         chosen, reason = best, "spend='budget': the best measured candidate under the ceiling"
