@@ -8,7 +8,9 @@ talk to the tuned model.
     pock chat --adapter runs/demo/adapter                                    # see pock_hf/chat.py
 
 With a ceiling (`--budget-mb`, `--budget-time-ratio` or `--device`), `pock sensitivity` also trains `--schemes`
-schemes of growing size under it, so that `pock plan` can stop where gain saturates instead of spending the budget.
+schemes of growing size under it, so that `pock plan` can stop where gain saturates instead of spending the budget;
+with `--depths`, it trains the table's best scheme at each depth instead, and `pock plan` picks among what they
+measured.
 
 User mistakes print one clear message and exit with status 2; `--debug` shows the traceback. An interrupted
 `pock sensitivity` resumes from `OUT.partial.json` when run again with the same arguments.
