@@ -54,7 +54,7 @@ from pock_hf.engine.compile import compile_decoder_layers
 from pock_hf.engine.memory import current_memory_mb, peak_memory_mb, release_free_memory, reset_peak_memory
 from pock_hf.engine.optim_in_backward import OptimizerInBackward
 from pock_hf.engine.precision import AUTO, Precision, resolve_dtype
-from pock_hf.engine.training import make_optimizer, set_learning_rate, training_step
+from pock_hf.engine.training import labelled_token_count, make_optimizer, set_learning_rate, training_step
 from pock_hf.io.checkpoint import latest_checkpoint, load_checkpoint, restore_trainable, save_checkpoint, set_rng_state
 from pock_hf.io.files import atomic_write_text, read_json_object
 from pock_hf.planning.calibration import measure_schemes
@@ -725,9 +725,7 @@ class FinetuneRecipe:
         table.check_model(self.model)
         costs = CostProfile.from_json(pock.costs) if pock.costs else None
         if costs is None:
-            # the longest training examples: the heaviest micro-batch this run will see
-            longest = sorted(self.examples, key=lambda example: len(example["input_ids"]))[-self.micro_batch :]
-            costs = profile_device(config, self.model, self.train_collate(longest))
+            costs = profile_device(config, self.model, self.heaviest_micro_batch())
             self.record_memory("cost profile")
         costs.check_model(self.model)
         check_costs_checkpointing(costs, pock.gradient_checkpointing, pock.costs)
@@ -783,6 +781,31 @@ class FinetuneRecipe:
         self.report["plan"]["units"] = len(plan.units)
         indices = scheme_channel_indices(table, plan.scheme)  # proxy mode ranks channels by gradient too
         return PockConfig(scheme=plan.scheme, **pock_options(config, channel_indices=indices)), True
+
+    def micro_batch_rows(self, step: int, rank: int) -> list[list[int]]:
+        """The example indices of each micro-batch process `rank` trains on in step `step` (0-based)."""
+        train, world = self.config.train, self.accelerator.num_processes
+        mine = batch_indices(len(self.examples), train.batch_size, step, train.seed)[rank::world]
+        return [mine[i : i + self.micro_batch] for i in range(0, len(mine), self.micro_batch)]
+
+    def heaviest_micro_batch(self) -> dict:
+        """The collated micro-batch of this run, on any process, whose step needs the most memory: the one that sets
+        the training's peak, which is what the cost profile should measure. Its weight is what grows with the batch:
+        a hidden state per position and a row of logits per labelled position (the label-only loss computes no
+        others). The same on every process, so every process plans the same scheme."""
+        model_config = self.model.config
+        heaviest, heaviest_weight = None, -1
+        for step in range(self.config.train.steps):
+            for rank in range(self.accelerator.num_processes):
+                for rows in self.micro_batch_rows(step, rank):
+                    batch = self.train_collate([self.examples[i] for i in rows])
+                    weight = (
+                        batch["input_ids"].numel() * model_config.hidden_size
+                        + labelled_token_count(batch) * model_config.vocab_size
+                    )
+                    if weight > heaviest_weight:
+                        heaviest, heaviest_weight = batch, weight
+        return heaviest
 
     def measure(self) -> SensitivityTable:
         """Measure a sensitivity table on the training data (its last task rows as the validation set; with
@@ -887,20 +910,16 @@ class FinetuneRecipe:
         }
         accelerator.init_trackers("finetune", config=tracker_config)
         start = self.resume()
-        rank, world = accelerator.process_index, accelerator.num_processes
+        rank = accelerator.process_index
         self.unwrapped().train()
         progress = tqdm(
             total=train.steps, initial=start, desc=f"training ({config.method})", unit="step", disable=not self.is_main
         )
         started = time.perf_counter()
         for step in range(start, train.steps):
-            mine = batch_indices(len(self.examples), train.batch_size, step, train.seed)[rank::world]
             micro_batches = [
-                {
-                    k: v.to(accelerator.device)
-                    for k, v in self.train_collate([self.examples[i] for i in mine[j : j + self.micro_batch]]).items()
-                }
-                for j in range(0, len(mine), self.micro_batch)
+                {k: v.to(accelerator.device) for k, v in self.train_collate([self.examples[i] for i in rows]).items()}
+                for rows in self.micro_batch_rows(step, rank)
             ]
             lr = learning_rate(config, step)
             set_learning_rate(self.optimizer, lr)

@@ -3,6 +3,7 @@ gain saturates, weighs damage, honest about what cannot fit."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -491,3 +492,24 @@ def test_depth_candidates_are_chosen_on_what_they_measured(tmp_path):
     report = plan_report(plan, costs)
     assert "Measured gain: 0.79" in report and "| a, layers 1-3, chosen |" in report
     assert plot_gain_vs_budget(plan, tmp_path / "plan.png", table=table).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_depth_candidate_whose_own_training_went_over_the_ceiling_is_not_chosen():
+    table, costs = uniform_instance()
+    shallow = [(3, module, 1.0) for module in MODULES]
+    mid = [(layer, MODULES[0], 1.0) for layer in (1, 2, 3)]
+    candidates = depth_candidates(table, [("all, layers 3-3", shallow, 0.5, 0.0), ("a, layers 1-3", mid, 0.8, 0.0)])
+    ceiling = costs.base_memory_mb(0) + 12.5
+    predicted_mid = costs.scheme_cost(mid)[0]
+    assert predicted_mid < ceiling  # the cost model says it fits
+    peaks = {"all, layers 3-3": costs.scheme_cost(shallow)[0] - 1.0, "a, layers 1-3": ceiling + 5.0}
+    table.schemes = [dataclasses.replace(c, peak_memory_mb=peaks[c.label], step_s=0.5) for c in candidates]
+    table.settings["scheme_candidates"] = "depths"
+    plan = make_plan(table, costs, budget_mb=ceiling)
+    assert sorted(plan.units) == sorted(shallow)  # the better candidate measured a peak over the ceiling
+    assert plan.predicted_memory_mb == pytest.approx(costs.scheme_cost(shallow)[0])  # its peak was below prediction
+    # a measured peak above the prediction is the memory the plan states
+    plan = make_plan(table, costs, budget_mb=ceiling + 10)
+    assert sorted(plan.units) == sorted(mid) and plan.predicted_memory_mb == ceiling + 5.0
+    report = plan_report(plan, costs)
+    assert f"| {ceiling + 5.0:.1f} | 0.5 |" in report and "measured peak (MB)" in report

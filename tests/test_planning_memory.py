@@ -1,5 +1,6 @@
-"""Planning fits the device it plans for: measuring sensitivity, profiling costs and training the planned scheme each
-peak below the memory budget, measured as this process's peak RSS in a fresh process (a ~110 MB random Llama)."""
+"""Planning fits the device it plans for: measuring sensitivity, profiling costs, training the planned scheme and
+training the depth candidates each peak below the memory budget, measured as this process's peak RSS in a fresh
+process (a ~110 MB random Llama)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import json, sys
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from pock_hf.engine.memory import current_memory_mb, peak_memory_mb, reset_peak_memory
+from pock_hf.planning.calibration import measure_schemes
 from pock_hf.planning.costs import profile_costs
 from pock_hf.planning.planner import make_plan
 from pock_hf.planning.sensitivity import measure_sensitivity, prepare_measurement_data, train_scheme
@@ -46,8 +48,14 @@ if bounded:
     result["plan_mb"] = plan.predicted_memory_mb
     data = prepare_measurement_data(None, rows, rows, batch_size=4, steps=3, max_length=64, seed=0)
     reset_peak_memory(cpu)
-    train_scheme(model, plan.to_config(), data.train_batches, 1e-3, 0)
+    train_scheme(model, plan.to_config(), data.train_batches, 1e-3, 0).unload()
     result["train_peak"] = peak_memory_mb(cpu)
+    # the depth candidates, each trained for real under the same ceiling
+    reset_peak_memory(cpu)
+    table = measure_schemes(model, None, table, costs, rows[:12], rows[12:], rows[:4], budget_mb=budget, steps=2,
+                            depths=[0.5, 1.0], blocks=["all", "mlp"], progress=False)
+    result["schemes_peak"] = peak_memory_mb(cpu)
+    result["candidate_peaks"] = [scheme.peak_memory_mb for scheme in table.schemes]
 print("RESULT " + json.dumps(result))
 """
 
@@ -66,9 +74,10 @@ def run_probe(mode: str) -> dict:
 def test_measuring_profiling_and_training_each_peak_within_the_budget():
     bounded = run_probe("bounded")
     budget = bounded["budget"]
-    for phase in ("measure_peak", "profile_peak", "train_peak"):
+    for phase in ("measure_peak", "profile_peak", "train_peak", "schemes_peak"):
         assert bounded[phase] <= budget, (phase, bounded)
     assert bounded["plan_mb"] <= budget
+    assert len(bounded["candidate_peaks"]) >= 2 and max(bounded["candidate_peaks"]) <= budget, bounded
     # the control: the same proxy holding every gradient at once and whole batches goes over, so the bound is real
     unbounded = run_probe("free")
     assert unbounded["measure_peak"] > budget, unbounded

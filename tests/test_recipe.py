@@ -198,6 +198,40 @@ def test_planned_among_measured_depths_with_checkpointing(run, tiny_model, tmp_p
     assert plan["predicted_gain"] == chosen["gain"]  # the plan's gain is what its scheme measured
     assert json.loads((output / "costs.json").read_text())["settings"]["gradient_checkpointing"] is True
     assert "Measured gain" in (output / "plan.md").read_text()
+    assert all(scheme["peak_memory_mb"] > 0 for scheme in table["schemes"])  # each candidate's own measured peak
+
+
+def test_cost_profile_measures_the_heaviest_micro_batch_of_the_run(recipe, tiny_model, tmp_path):
+    """The profiled batch is one the run trains on and none of the run's is heavier in both positions and labelled
+    tokens: the planned peak is this run's, not that of its longest rows put together (which may never meet)."""
+    rows = [
+        {"instruction": "Tell me " + "about it " * (i % 5 * 4), "output": "Sure, " + "and more " * (i * 7 % 9)}
+        for i in range(30)
+    ]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    train = {"steps": 3, "batch_size": 4, "micro_batch_size": 2}
+    config = recipe.load_recipe_config(
+        write_config(tmp_path / "c.yaml", tiny_model, tmp_path / "rows.json", tmp_path / "out", train=train), []
+    )
+    try:
+        finetune = recipe.FinetuneRecipe(config)
+        finetune.setup()
+        heaviest = finetune.heaviest_micro_batch()
+        batches = [
+            finetune.train_collate([finetune.examples[i] for i in rows])
+            for step in range(3)
+            for rows in finetune.micro_batch_rows(step, 0)
+        ]
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    assert len(batches) == 6
+    assert any(torch.equal(heaviest["input_ids"], batch["input_ids"]) for batch in batches)
+
+    def size(batch):
+        return batch["input_ids"].numel(), int((batch["labels"][:, 1:] != -100).sum())
+
+    assert not any(all(a > b for a, b in zip(size(batch), size(heaviest))) for batch in batches)
 
 
 def test_personalises_on_a_users_own_profile_file(run, tiny_model, tmp_path):

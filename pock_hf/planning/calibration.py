@@ -15,19 +15,22 @@ table's best scheme under the ceiling for each reach of backward (the upper `dep
 block of the layer (`blocks`: "all", or the first component of the module paths, "self_attn" or "mlp" in a Llama),
 and the planner picks among them by what they measured (`planner.make_plan`).
 
-Each trial trains one scheme under the ceiling, so it needs no more memory than the training it plans.
+Each trial trains one scheme under the ceiling, so it needs no more memory than the training it plans; its process
+peak and seconds per step are measured as it trains (`SchemeMeasurement.peak_memory_mb`, `.step_s`), the check on
+the cost model's prediction.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Sequence
 
 import numpy as np
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..engine.memory import release_free_memory
+from ..engine.memory import peak_memory_mb, release_free_memory, reset_peak_memory
 from ..tuner.depth_cut import is_checkpointing, set_checkpointing
 from .costs import CostProfile
 from .gain_model import SchemeMeasurement
@@ -113,12 +116,18 @@ def measure_schemes(
     eval_before, eval_counts = example_losses(model, data.eval_batches)
     replay_before, replay_counts = example_losses(model, data.replay_batches) if data.replay_batches else (None, None)
     measurements, previous = [], None
+    device = next(model.parameters()).device
     was_checkpointing = is_checkpointing(model)
     for label, plan in tqdm(labelled, desc="measuring schemes", unit="scheme", disable=not progress):
         config = plan.to_config(
             channel_indices=scheme_channel_indices(table, plan.scheme), gradient_checkpointing=gradient_checkpointing
         )
+        release_free_memory(device)  # what the previous candidate freed is not this one's peak
+        peak_resets = reset_peak_memory(device)
+        started = time.perf_counter()
         wrapped = train_scheme(model, config, data.train_batches, lr, settings["seed"])
+        step_s = (time.perf_counter() - started) / len(data.train_batches)
+        peak_mb = peak_memory_mb(device) if peak_resets else None
         try:
             eval_after = example_losses(wrapped, data.eval_batches)[0]
             gain, gain_se = paired_difference(eval_before, eval_after, eval_counts)
@@ -133,7 +142,6 @@ def measure_schemes(
             wrapped.unload()
             if is_checkpointing(model) != was_checkpointing:
                 set_checkpointing(model, was_checkpointing)
-            release_free_memory(next(model.parameters()).device)
         measurements.append(
             SchemeMeasurement(
                 units=list(plan.units),
@@ -145,6 +153,8 @@ def measure_schemes(
                 memory_mb=plan.predicted_memory_mb,
                 step_se=step_se,
                 label=label,
+                peak_memory_mb=peak_mb,
+                step_s=step_s,
             )
         )
     settings = {**table.settings, "scheme_candidates": "budgets" if depths is None else "depths"}

@@ -42,7 +42,8 @@ class SchemeMeasurement:
     with `damage_se`; `steps` the training steps behind them; `memory_mb` the cost model's memory for the scheme;
     `step_se` the standard error of its gain minus the previous (cheaper) measured scheme's, paired over the same
     examples (None for the first); `label` what the scheme is (for depth-spanning candidates, e.g. "mlp, layers
-    18-29"; empty for budget-spanning ones)."""
+    18-29"; empty for budget-spanning ones); `peak_memory_mb` the process's measured peak (MB) while it trained,
+    the check on `memory_mb`, and `step_s` its measured seconds per training step (None where not measured)."""
 
     units: list[tuple[int, str, float]]
     gain: float
@@ -53,6 +54,8 @@ class SchemeMeasurement:
     memory_mb: float
     step_se: float | None = None
     label: str = ""
+    peak_memory_mb: float | None = None
+    step_s: float | None = None
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,8 @@ class LadderRung:
     predicted_gain: float
     predicted_damage: float
     label: str = ""
+    measured_peak_mb: float | None = None
+    measured_step_s: float | None = None
 
 
 @dataclass
@@ -324,7 +326,8 @@ def plan_report(plan: Plan, costs: CostProfile) -> str:
     ]
     memory_budget = f"a {plan.budget_mb:.1f} MB ceiling" if plan.budget_mb is not None else "no memory ceiling"
     time_budget = f"ceiling {plan.budget_time_ratio:.1%}" if plan.budget_time_ratio is not None else "no time ceiling"
-    if plan.selection == "measured" and plan.predicted_gain_interval is not None:
+    measured = plan.selection == "measured"
+    if measured and plan.predicted_gain_interval is not None:
         low, high = plan.predicted_gain_interval
         gain_line = (
             f"- Measured gain: {plan.predicted_gain:.4g} [{low:.4g}, {high:.4g}] ({plan.metric} improvement of this "
@@ -350,7 +353,8 @@ def plan_report(plan: Plan, costs: CostProfile) -> str:
             f"- Predicted damage (loss increase on replay data): {plan.predicted_damage:.4g} "
             f"(weighted {plan.damage_weight:g} in the objective)"
         ),
-        f"- Predicted memory: {plan.predicted_memory_mb:.1f} MB of {memory_budget}",
+        f"- Predicted memory: {plan.predicted_memory_mb:.1f} MB of {memory_budget}"
+        + (" (the larger of the cost model's and the peak measured while the candidate trained)" if measured else ""),
         (
             f"- Predicted step time: {plan.predicted_step_s:.4g} s = {plan.predicted_step_s / costs.full_step_s:.1%} "
             f"of a full fine-tuning step ({costs.full_step_s:.4g} s); {time_budget}"
@@ -358,18 +362,31 @@ def plan_report(plan: Plan, costs: CostProfile) -> str:
         f"- Cut layer: {plan.cut_layer} (backward runs through layers {plan.cut_layer}..{costs.num_layers - 1} only)",
         f"- Stopped: {plan.stop_reason}",
         "",
-        "| memory (MB) | step (s) | units | cut | additive score | predicted gain | predicted damage | |",
-        "|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    what = "measured" if measured else "predicted"
+    extra = " measured peak (MB) | measured step (s) |" if measured else ""
+    lines += [
+        f"| memory (MB) | step (s) | units | cut | additive score | {what} gain | {what} damage |{extra} |",
+        "|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * extra.count("|") + "---|",
     ]
     for rung in plan.ladder:
         chosen = math.isclose(rung.memory_mb, plan.predicted_memory_mb) and rung.units == len(plan.units)
         mark = ", ".join(part for part in (rung.label, "chosen" if chosen else "") if part)
+        costs_measured = (
+            f" {_or_dash(rung.measured_peak_mb, '.1f')} | {_or_dash(rung.measured_step_s, '.3g')} |"
+            if measured
+            else ""
+        )
         lines.append(
             f"| {rung.memory_mb:.1f} | {rung.step_s:.3g} | {rung.units} | {rung.cut_layer} | {rung.additive_gain:.4g} "
-            f"| {rung.predicted_gain:.4g} | {rung.predicted_damage:.4g} | {mark} |"
+            f"| {rung.predicted_gain:.4g} | {rung.predicted_damage:.4g} |{costs_measured} {mark} |"
         )
     lines.append("")
     return "\n".join(lines)
+
+
+def _or_dash(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def _measured_plan(
@@ -382,7 +399,9 @@ def _measured_plan(
     damage_weight: float,
 ) -> Plan:
     """The plan among the table's measured depth candidates (see the module docstring): exact costs from `costs`,
-    gains and damage as measured, noise the typical paired standard error between two candidates."""
+    gains and damage as measured, noise the typical paired standard error between two candidates. A candidate's
+    memory is the larger of the cost model's and the peak measured while it trained: one that went over the ceiling
+    in its own training is not chosen, whatever the cost model said."""
     planner = _Planner(dataclasses.replace(table, schemes=[]), costs, axis, damage_weight)  # checks, costs
     budget_s = planner.check_budgets(budget_mb, budget_time_ratio)
     rows = {(row.layer, row.module, row.ratio): row for row in table.rows}
@@ -390,6 +409,7 @@ def _measured_plan(
     for measurement in table.schemes:
         units = sorted(tuple(unit) for unit in measurement.units)
         memory, step = costs.scheme_cost(units, axis)
+        memory = max(memory, measurement.peak_memory_mb or 0.0)
         if (budget_mb is None or memory <= budget_mb) and (budget_s is None or step <= budget_s):
             value = measurement.gain - damage_weight * (measurement.damage or 0.0)
             candidates.append((memory, step, value, units, measurement))
@@ -411,9 +431,12 @@ def _measured_plan(
         )
     memory, step, _, units, measurement = chosen
     ladder = [
-        LadderRung(mb, s, len(u), u[0][0], math.fsum(rows[unit].gain for unit in u), m.gain, m.damage or 0.0, m.label)
+        LadderRung(
+            mb, s, len(u), u[0][0], math.fsum(rows[unit].gain for unit in u), m.gain, m.damage or 0.0, m.label,
+            m.peak_memory_mb, m.step_s,
+        )
         for mb, s, _, u, m in candidates
-    ]
+    ]  # fmt: skip
     return Plan(
         units=units,
         scheme={name: ratio for layer, module, ratio in units for name in table.module_names(layer, module)},
