@@ -17,12 +17,14 @@ def test_personalization_benchmark_end_to_end(tmp_path):
     out = tmp_path / "out"
     argv = ["--model", str(save_tiny_checkpoint(tmp_path / "tiny")), "--layers", "4", "--profiles", "tomasz"]
     argv += ["--seeds", "0", "--systems", "hand", "planned", "curve", "additive", "random", "full_time"]
-    argv += ["--random", "1"]
+    # the planning process holds more than the hand-made run's (its table, measurements): on a tiny model that is
+    # more than its training needs, so the planners get headroom or no candidate's own peak would fit
+    argv += ["--random", "1", "--headroom-mb", "300"]
     argv += ["--steps", "2", "--output", str(out), "--set", "pock.profile_depths=2", "train.batch_size=4"]
     result = bench.main(argv)
     runs = result["runs"]["tomasz/0"]
     assert set(runs) == {"hand", "planned", "curve", "additive", "random", "full", "full_time"}
-    ceiling = runs["hand"][0]["peak_memory_mb"]
+    ceiling = runs["hand"][0]["peak_memory_mb"] + 300
     planned = json.loads((out / "tomasz_seed0" / "planned" / "scheme.json").read_text())
     assert planned["budget_mb"] == pytest.approx(ceiling, abs=0.1) and planned["selection"] == "measured"
     curve = json.loads((out / "tomasz_seed0" / "curve" / "scheme.json").read_text())

@@ -505,6 +505,10 @@ def test_a_depth_candidate_whose_own_training_went_over_the_ceiling_is_not_chose
     peaks = {"all, layers 3-3": costs.scheme_cost(shallow)[0] - 1.0, "a, layers 1-3": ceiling + 5.0}
     table.schemes = [dataclasses.replace(c, peak_memory_mb=peaks[c.label], step_s=0.5) for c in candidates]
     table.settings["scheme_candidates"] = "depths"
+    # peaks measured on another device say nothing about this one: the cost model decides alone
+    table.settings["schemes_device"] = "cuda:elsewhere"
+    assert sorted(make_plan(table, costs, budget_mb=ceiling).units) == sorted(mid)
+    table.settings["schemes_device"] = costs.device
     plan = make_plan(table, costs, budget_mb=ceiling)
     assert sorted(plan.units) == sorted(shallow)  # the better candidate measured a peak over the ceiling
     assert plan.predicted_memory_mb == pytest.approx(costs.scheme_cost(shallow)[0])  # its peak was below prediction
@@ -513,3 +517,7 @@ def test_a_depth_candidate_whose_own_training_went_over_the_ceiling_is_not_chose
     assert sorted(plan.units) == sorted(mid) and plan.predicted_memory_mb == ceiling + 5.0
     report = plan_report(plan, costs)
     assert f"| {ceiling + 5.0:.1f} | 0.5 |" in report and "measured peak (MB)" in report
+    # every candidate the cost model fits having peaked above the ceiling is an error that says so
+    over = [dataclasses.replace(c, peak_memory_mb=ceiling + 1.0) for c in table.schemes]
+    with pytest.raises(ValueError, match=r"peaked above it while it trained \(the lowest at"):
+        make_plan(dataclasses.replace(table, schemes=over), costs, budget_mb=ceiling)

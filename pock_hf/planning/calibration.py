@@ -157,7 +157,11 @@ def measure_schemes(
                 step_s=step_s,
             )
         )
-    settings = {**table.settings, "scheme_candidates": "budgets" if depths is None else "depths"}
+    settings = {
+        **table.settings,
+        "scheme_candidates": "budgets" if depths is None else "depths",
+        "schemes_device": costs.device,  # where the candidates' peaks were measured
+    }
     return dataclasses.replace(table, schemes=measurements, settings=settings)
 
 

@@ -400,19 +400,30 @@ def _measured_plan(
 ) -> Plan:
     """The plan among the table's measured depth candidates (see the module docstring): exact costs from `costs`,
     gains and damage as measured, noise the typical paired standard error between two candidates. A candidate's
-    memory is the larger of the cost model's and the peak measured while it trained: one that went over the ceiling
-    in its own training is not chosen, whatever the cost model said."""
+    memory is the larger of the cost model's and the peak measured while it trained on this device (the table's
+    `settings["schemes_device"]` is `costs.device`): one that went over the ceiling in its own training is not
+    chosen, whatever the cost model said."""
     planner = _Planner(dataclasses.replace(table, schemes=[]), costs, axis, damage_weight)  # checks, costs
     budget_s = planner.check_budgets(budget_mb, budget_time_ratio)
     rows = {(row.layer, row.module, row.ratio): row for row in table.rows}
-    candidates = []
+    same_device = table.settings.get("schemes_device") == costs.device  # a peak measured elsewhere says nothing here
+    candidates, over_by_peak = [], []
     for measurement in table.schemes:
         units = sorted(tuple(unit) for unit in measurement.units)
-        memory, step = costs.scheme_cost(units, axis)
-        memory = max(memory, measurement.peak_memory_mb or 0.0)
+        predicted, step = costs.scheme_cost(units, axis)
+        memory = max(predicted, measurement.peak_memory_mb or 0.0) if same_device else predicted
         if (budget_mb is None or memory <= budget_mb) and (budget_s is None or step <= budget_s):
             value = measurement.gain - damage_weight * (measurement.damage or 0.0)
             candidates.append((memory, step, value, units, measurement))
+        elif budget_mb is not None and predicted <= budget_mb < memory and (budget_s is None or step <= budget_s):
+            over_by_peak.append(memory)
+    if not candidates and over_by_peak:
+        raise ValueError(
+            f"Every depth candidate that the cost model fits under the {budget_mb:.0f} MB ceiling peaked above it "
+            f"while it trained (the lowest at {min(over_by_peak):.0f} MB): this process needs more than the ceiling. "
+            "Raise the ceiling, or measure and plan in another process (`pock sensitivity`, `pock plan`) and train "
+            "the plan's scheme file."
+        )
     if not candidates:
         raise ValueError(
             "None of the table's measured depth candidates fits the ceiling "
