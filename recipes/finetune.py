@@ -745,7 +745,7 @@ class FinetuneRecipe:
                 budget_mb=budget_mb(config),
                 budget_time_ratio=config.budget.time_ratio,
                 count=pock.measure_schemes,
-                steps=scheme_steps(config),
+                steps=steps,
                 lr=config.train.lr,
                 axis=pock.channel_axis,
                 gradient_checkpointing=pock.gradient_checkpointing,

@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..engine.memory import peak_memory_mb, release_free_memory, reset_peak_memory
-from ..tuner.depth_cut import is_checkpointing, set_checkpointing
+from ..tuner.depth_cut import checkpointing_restored
 from .costs import CostProfile
 from .gain_model import SchemeMeasurement
 from .planner import Plan, make_plan
@@ -46,6 +46,11 @@ from .table import SensitivityTable
 
 # a depth candidate trains units of every block of the layer, or of one (the first component of the module paths)
 ALL_BLOCKS = "all"
+
+
+def block_of(module: str) -> str:
+    """The block of a module path inside a decoder layer: "mlp" for "mlp.up_proj"."""
+    return module.split(".")[0]
 
 
 def measure_schemes(
@@ -117,46 +122,45 @@ def measure_schemes(
     replay_before, replay_counts = example_losses(model, data.replay_batches) if data.replay_batches else (None, None)
     measurements, previous = [], None
     device = next(model.parameters()).device
-    was_checkpointing = is_checkpointing(model)
-    for label, plan in tqdm(labelled, desc="measuring schemes", unit="scheme", disable=not progress):
-        config = plan.to_config(
-            channel_indices=scheme_channel_indices(table, plan.scheme), gradient_checkpointing=gradient_checkpointing
-        )
-        release_free_memory(device)  # what the previous candidate freed is not this one's peak
-        peak_resets = reset_peak_memory(device)
-        started = time.perf_counter()
-        wrapped = train_scheme(model, config, data.train_batches, lr, settings["seed"])
-        step_s = (time.perf_counter() - started) / len(data.train_batches)
-        peak_mb = peak_memory_mb(device) if peak_resets else None
-        try:
-            eval_after = example_losses(wrapped, data.eval_batches)[0]
-            gain, gain_se = paired_difference(eval_before, eval_after, eval_counts)
-            step_se = None if previous is None else paired_difference(previous, eval_after, eval_counts)[1]
-            previous = eval_after
-            damage = damage_se = None
-            if replay_before is not None:
-                after = example_losses(wrapped, data.replay_batches)[0]
-                improvement, damage_se = paired_difference(replay_before, after, replay_counts)
-                damage = -improvement
-        finally:
-            wrapped.unload()
-            if is_checkpointing(model) != was_checkpointing:
-                set_checkpointing(model, was_checkpointing)
-        measurements.append(
-            SchemeMeasurement(
-                units=list(plan.units),
-                gain=gain,
-                gain_se=gain_se,
-                damage=damage,
-                damage_se=damage_se,
-                steps=len(data.train_batches),
-                memory_mb=plan.predicted_memory_mb,
-                step_se=step_se,
-                label=label,
-                peak_memory_mb=peak_mb,
-                step_s=step_s,
+    with checkpointing_restored(model, gradient_checkpointing):  # each trains as asked; the model's own setting after
+        for label, plan in tqdm(labelled, desc="measuring schemes", unit="scheme", disable=not progress):
+            config = plan.to_config(
+                channel_indices=scheme_channel_indices(table, plan.scheme),
+                gradient_checkpointing=gradient_checkpointing,
             )
-        )
+            release_free_memory(device)  # what the previous candidate freed is not this one's peak
+            peak_resets = reset_peak_memory(device)
+            started = time.perf_counter()
+            wrapped = train_scheme(model, config, data.train_batches, lr, settings["seed"])
+            step_s = (time.perf_counter() - started) / len(data.train_batches)
+            peak_mb = peak_memory_mb(device) if peak_resets else None
+            try:
+                eval_after = example_losses(wrapped, data.eval_batches)[0]
+                gain, gain_se = paired_difference(eval_before, eval_after, eval_counts)
+                step_se = None if previous is None else paired_difference(previous, eval_after, eval_counts)[1]
+                previous = eval_after
+                damage = damage_se = None
+                if replay_before is not None:
+                    after = example_losses(wrapped, data.replay_batches)[0]
+                    improvement, damage_se = paired_difference(replay_before, after, replay_counts)
+                    damage = -improvement
+            finally:
+                wrapped.unload()
+            measurements.append(
+                SchemeMeasurement(
+                    units=list(plan.units),
+                    gain=gain,
+                    gain_se=gain_se,
+                    damage=damage,
+                    damage_se=damage_se,
+                    steps=len(data.train_batches),
+                    memory_mb=plan.predicted_memory_mb,
+                    step_se=step_se,
+                    label=label,
+                    peak_memory_mb=peak_mb,
+                    step_s=step_s,
+                )
+            )
     settings = {
         **table.settings,
         "scheme_candidates": "budgets" if depths is None else "depths",
@@ -183,7 +187,7 @@ def depth_plans(
         ValueError: a depth outside (0, 1], an unknown block (the message lists the table's), or no depth and block
             with a scheme under the ceiling.
     """
-    known = sorted({module.split(".")[0] for module in table.layer_modules})
+    known = sorted({block_of(module) for module in table.layer_modules})
     for block in blocks:
         if block != ALL_BLOCKS and block not in known:
             raise ValueError(f"Unknown block {block!r}; valid: {[ALL_BLOCKS, *known]}.")
@@ -199,7 +203,7 @@ def depth_plans(
             rows = [
                 row
                 for row in bare.rows
-                if row.layer >= floor and (block == ALL_BLOCKS or row.module.split(".")[0] == block)
+                if row.layer >= floor and (block == ALL_BLOCKS or block_of(row.module) == block)
             ]
             if not rows:
                 continue

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from ..engine.memory import current_memory_mb, peak_memory_mb, release_free_memory, reset_peak_memory
 from ..io.files import atomic_write_text, check_format_version, dataclass_from_json, read_json_object
 from ..tuner import PockConfig, get_pock_model
-from ..tuner.depth_cut import find_decoder_layers, is_checkpointing, set_checkpointing
+from ..tuner.depth_cut import checkpointing_restored, find_decoder_layers
 from ..tuner.fingerprint import check_model_fingerprint, model_fingerprint
 from ..tuner.sparse_backward import channel_count
 from .sensitivity import layer_module_paths
@@ -218,59 +218,56 @@ def profile_costs(
     weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / MB
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     was_training = model.training
-    was_checkpointing = is_checkpointing(model)
     top = num_layers - 1
     release_free_memory(device)  # what earlier work freed is not this profile's overhead
     minimal = {depth: {f"{layers_name}.{depth}.{layer_modules[0]}": 1e-9} for depth in range(num_layers)}
     options = {"channel_selection": "first", "gradient_checkpointing": gradient_checkpointing}
-    if was_checkpointing and not gradient_checkpointing:  # profile what was asked, not what the model was left with
-        set_checkpointing(model, False)
-    try:
-        with torch.no_grad():
-            forward_s = _median_time(lambda: model(**batch, use_cache=False), repeats)
-        activation = _activation_by_cut(model, minimal, batch, weights_mb, budget_mb, device, options)
-        overhead, measured, untimed, excess = 0.0, {}, [], {}
-        for depth in tqdm(
-            sorted(set(depths) | {top}, reverse=True), desc="profiling cut depths", disable=not progress
-        ):
-            if budget_mb is not None and measured and overhead + weights_mb + activation[depth] > budget_mb:
-                untimed.append(depth)
-                continue
-            reset_peak_memory(device)
-            measured[depth] = _wrapped_step_s(model, minimal[depth], batch, repeats, options)
-            excess[depth] = peak_memory_mb(device) - weights_mb - activation[depth]
-            overhead = max(overhead, excess[depth])
-            if budget_mb is not None and depth == top and overhead + weights_mb + activation[top] > budget_mb:
-                raise ValueError(
-                    f"A {budget_mb:.0f} MB budget is below what training needs at all: the model's weights "
-                    f"({weights_mb:.0f} MB), the process around them ({overhead:.0f} MB) and one step at the top "
-                    f"layer ({activation[top]:.0f} MB of activations) come to "
-                    f"{overhead + weights_mb + activation[top]:.0f} MB. Raise the budget or train on a bigger device."
-                )
-        unit_extra_s = {}
-        bytes_per_value = _trained_bytes_per_value(model, minimal[top], options)
-        unit_excess = {}
-        for module in tqdm(layer_modules, desc="profiling module updates", disable=not progress):
-            reset_peak_memory(device)
-            name = f"{layers_name}.{top}.{module}"
-            full_module = _wrapped_step_s(model, {name: 1.0}, batch, repeats, options)
-            unit_extra_s[module] = max(0.0, full_module - measured[top])
-            trained = model.get_submodule(name).weight.numel() * TRAINED_VALUE_COPIES * bytes_per_value / MB
-            unit_excess[module] = peak_memory_mb(device) - weights_mb - activation[top] - trained
-        step_s_by_cut = _interpolate(measured, num_layers)
-        full_step_s, full_step = step_s_by_cut[0], "cut 0"
-        if measure_full and budget_mb is None:
-            full_step_s, full_step = _full_step_s(model, batch, repeats), "timed"
-        elif measure_full:
-            # A full step saves the input of every linear layer, more than any Pock cut counted here, so under a
-            # budget it is not run: the cut-0 step plus every module's full update in every layer stands in.
-            full_step_s, full_step = step_s_by_cut[0] + num_layers * sum(unit_extra_s.values()), "estimated"
-    finally:
-        for name, parameter in model.named_parameters():
-            parameter.requires_grad_(requires_grad[name])
-        model.train(was_training)
-        if is_checkpointing(model) != was_checkpointing:
-            set_checkpointing(model, was_checkpointing)
+    # profile what was asked, not what the model was left with
+    with checkpointing_restored(model, gradient_checkpointing):
+        try:
+            with torch.no_grad():
+                forward_s = _median_time(lambda: model(**batch, use_cache=False), repeats)
+            activation = _activation_by_cut(model, minimal, batch, weights_mb, budget_mb, device, options)
+            overhead, measured, untimed, excess = 0.0, {}, [], {}
+            for depth in tqdm(
+                sorted(set(depths) | {top}, reverse=True), desc="profiling cut depths", disable=not progress
+            ):
+                if budget_mb is not None and measured and overhead + weights_mb + activation[depth] > budget_mb:
+                    untimed.append(depth)
+                    continue
+                reset_peak_memory(device)
+                measured[depth] = _wrapped_step_s(model, minimal[depth], batch, repeats, options)
+                excess[depth] = peak_memory_mb(device) - weights_mb - activation[depth]
+                overhead = max(overhead, excess[depth])
+                if budget_mb is not None and depth == top and overhead + weights_mb + activation[top] > budget_mb:
+                    raise ValueError(
+                        f"A {budget_mb:.0f} MB budget is below what training needs at all: the model's weights "
+                        f"({weights_mb:.0f} MB), the process around them ({overhead:.0f} MB) and one step at the top "
+                        f"layer ({activation[top]:.0f} MB of activations) come to "
+                        f"{overhead + weights_mb + activation[top]:.0f} MB. Raise the budget or train on a bigger device."
+                    )
+            unit_extra_s = {}
+            bytes_per_value = _trained_bytes_per_value(model, minimal[top], options)
+            unit_excess = {}
+            for module in tqdm(layer_modules, desc="profiling module updates", disable=not progress):
+                reset_peak_memory(device)
+                name = f"{layers_name}.{top}.{module}"
+                full_module = _wrapped_step_s(model, {name: 1.0}, batch, repeats, options)
+                unit_extra_s[module] = max(0.0, full_module - measured[top])
+                trained = model.get_submodule(name).weight.numel() * TRAINED_VALUE_COPIES * bytes_per_value / MB
+                unit_excess[module] = peak_memory_mb(device) - weights_mb - activation[top] - trained
+            step_s_by_cut = _interpolate(measured, num_layers)
+            full_step_s, full_step = step_s_by_cut[0], "cut 0"
+            if measure_full and budget_mb is None:
+                full_step_s, full_step = _full_step_s(model, batch, repeats), "timed"
+            elif measure_full:
+                # A full step saves the input of every linear layer, more than any Pock cut counted here, so under a
+                # budget it is not run: the cut-0 step plus every module's full update in every layer stands in.
+                full_step_s, full_step = step_s_by_cut[0] + num_layers * sum(unit_extra_s.values()), "estimated"
+        finally:
+            for name, parameter in model.named_parameters():
+                parameter.requires_grad_(requires_grad[name])
+            model.train(was_training)
     # a deeper cut never costs more: smooth out timing noise so the planner's cost model is monotone
     for depth in range(num_layers - 2, -1, -1):
         step_s_by_cut[depth] = max(step_s_by_cut[depth], step_s_by_cut[depth + 1])

@@ -130,6 +130,20 @@ def set_checkpointing(model: nn.Module, enable: bool) -> None:
         (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
 
 
+@contextlib.contextmanager
+def checkpointing_restored(model: nn.Module, allow: bool) -> Iterator[None]:
+    """Within: `model`'s checkpointing off unless `allow` (a Pock wrap with `gradient_checkpointing` turns it on
+    itself), so work inside runs as asked, not as the model was left; after: the model's own setting back."""
+    was_checkpointing = is_checkpointing(model)
+    if was_checkpointing and not allow:
+        set_checkpointing(model, False)
+    try:
+        yield
+    finally:
+        if is_checkpointing(model) != was_checkpointing:
+            set_checkpointing(model, was_checkpointing)
+
+
 def _detach_hidden_states(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     if args:
         return (args[0].detach(), *args[1:]), kwargs
