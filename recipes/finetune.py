@@ -328,8 +328,9 @@ def static_scheme(config: RecipeConfig, model) -> dict[str, float] | str | None:
     return None
 
 
-def profile_device(config: RecipeConfig, model, batch: dict) -> CostProfile:
-    """This device's cost profile on a training micro-batch (`pock.profile_depths` cut depths timed)."""
+def profile_device(config: RecipeConfig, model, batch: dict, ceiling_mb: float | None) -> CostProfile:
+    """This device's cost profile on a training micro-batch (`pock.profile_depths` cut depths timed), its steps
+    within `ceiling_mb` (MB of process peak; None: unbounded)."""
     num_layers = len(find_decoder_layers(model)[1])
     count = min(config.pock.profile_depths, num_layers)
     depths = sorted({round(i * (num_layers - 1) / max(1, count - 1)) for i in range(count)})
@@ -339,7 +340,7 @@ def profile_device(config: RecipeConfig, model, batch: dict) -> CostProfile:
         depths=depths,
         repeats=1,
         measure_full=config.budget.time_ratio is not None,
-        budget_mb=budget_mb(config),
+        budget_mb=ceiling_mb,
         gradient_checkpointing=config.pock.gradient_checkpointing,
     )
 
@@ -362,12 +363,15 @@ def scheme_steps(config: RecipeConfig) -> int:
     return config.pock.measure_scheme_steps or min(config.train.steps, SCHEME_STEPS_CAP)
 
 
-def plan_with(config: RecipeConfig, table: SensitivityTable, costs: CostProfile) -> Plan:
-    """The planner's plan for `table` and `costs` under the config's ceiling, spend mode and damage weight."""
+def plan_with(
+    config: RecipeConfig, table: SensitivityTable, costs: CostProfile, ceiling_mb: float | None = None
+) -> Plan:
+    """The planner's plan for `table` and `costs` under `ceiling_mb` (MB; default: the config's budget) and the
+    config's time ceiling, spend mode and damage weight."""
     return make_plan(
         table,
         costs,
-        budget_mb=budget_mb(config),
+        budget_mb=budget_mb(config) if ceiling_mb is None else ceiling_mb,
         budget_time_ratio=config.budget.time_ratio,
         axis=config.pock.channel_axis,
         spend=config.pock.spend,
@@ -724,8 +728,9 @@ class FinetuneRecipe:
         self.record_memory("sensitivity")
         table.check_model(self.model)
         costs = CostProfile.from_json(pock.costs) if pock.costs else None
+        ceiling = self.planning_ceiling_mb()
         if costs is None:
-            costs = profile_device(config, self.model, self.heaviest_micro_batch())
+            costs = profile_device(config, self.model, self.heaviest_micro_batch(), ceiling)
             self.record_memory("cost profile")
         costs.check_model(self.model)
         check_costs_checkpointing(costs, pock.gradient_checkpointing, pock.costs)
@@ -742,7 +747,7 @@ class FinetuneRecipe:
                 table,
                 costs,
                 *self.measurement_rows,
-                budget_mb=budget_mb(config),
+                budget_mb=ceiling,
                 budget_time_ratio=config.budget.time_ratio,
                 count=pock.measure_schemes,
                 steps=steps,
@@ -758,7 +763,7 @@ class FinetuneRecipe:
             costs.to_json(self.output / "costs.json")
             if measured:
                 table.to_json(self.output / "sensitivity.json")
-        plan = plan_with(config, table, costs)
+        plan = plan_with(config, table, costs, ceiling)
         report = plan_report(plan, costs)
         self.log(report)
         if self.is_main:
@@ -781,6 +786,30 @@ class FinetuneRecipe:
         self.report["plan"]["units"] = len(plan.units)
         indices = scheme_channel_indices(table, plan.scheme)  # proxy mode ranks channels by gradient too
         return PockConfig(scheme=plan.scheme, **pock_options(config, channel_indices=indices)), True
+
+    def planning_ceiling_mb(self) -> float | None:
+        """The memory ceiling (MB of process peak) the planner's schemes train under: the budget, less what the prefix
+        cache may hold beside them, which no profiled step sees (None without a budget)."""
+        budget = budget_mb(self.config)
+        if budget is None:
+            return None
+        reserved = self.prefix_cache_bound_mb()
+        if reserved:
+            self.log(
+                f"Planning under {budget - reserved:,.0f} MB: the budget less the {reserved:,.1f} MB "
+                "the prefix cache may hold"
+            )
+        return budget - reserved
+
+    def prefix_cache_bound_mb(self) -> float:
+        """The most the prefix cache can hold in this run (MB): the hidden state at the cut of every training
+        example's tokens (one vector each), up to `train.prefix_cache_mb`; 0 without the cache."""
+        limit = self.config.train.prefix_cache_mb
+        if not limit:
+            return 0.0
+        vector = self.model.config.hidden_size * self.model.get_input_embeddings().weight.element_size()
+        tokens = sum(len(example["input_ids"]) for example in self.examples)
+        return min(limit, tokens * vector / 2**20)
 
     def micro_batch_rows(self, step: int, rank: int) -> list[list[int]]:
         """The example indices of each micro-batch process `rank` trains on in step `step` (0-based)."""
@@ -958,6 +987,7 @@ class FinetuneRecipe:
             self.report["prefix_cache"] = {
                 **dataclasses.asdict(self.prefix_cache.stats),
                 "size_mb": self.prefix_cache.size_mb,
+                "bound_mb": self.prefix_cache_bound_mb(),  # what planning left for it
             }
 
     # --- save and evaluate ---------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -30,17 +32,27 @@ def test_profile_covers_every_cut_depth_and_module(profile):
 def test_overhead_makes_the_base_memory_the_process_peak(profile):
     # the process (interpreter, torch, this test run) holds far more than the tiny model's weights
     assert profile.overhead_mb > 10 * profile.weights_mb
+    excess = {int(cut): mb for cut, mb in profile.settings["step_excess_mb"].items()}
+    assert set(excess) == {0, 3}
+    # each timed cut has its own overhead, the largest is `overhead_mb`, and a deeper cut never has less
+    assert profile.overhead_mb == pytest.approx(max(excess.values()), abs=0.1)
+    assert profile.overhead_mb_by_cut[3] == pytest.approx(max(excess[3], 0.0), abs=0.1)
+    assert profile.overhead_mb_by_cut == sorted(profile.overhead_mb_by_cut, reverse=True)
     for cut in range(4):
-        expected = profile.overhead_mb + profile.weights_mb + profile.activation_mb_by_cut[cut]
+        expected = profile.overhead_mb_by_cut[cut] + profile.weights_mb + profile.activation_mb_by_cut[cut]
         assert profile.base_memory_mb(cut) == pytest.approx(expected)
+    # a profile from before the per-cut overhead uses its one overhead for every cut
+    old = dataclasses.replace(profile, overhead_mb_by_cut=[])
+    assert old.base_memory_mb(3) == pytest.approx(old.overhead_mb + old.weights_mb + old.activation_mb_by_cut[3])
 
 
 def test_unit_memory_is_parameter_gradient_and_adam_state(profile):
-    # up_proj is 48 x 32: a quarter of its 48 rows is 12 rows x 32 inputs, four fp32 copies each
-    assert profile.unit_memory_mb("mlp.up_proj", 0.25) == 12 * 32 * 4 * 4 / 2**20
-    assert profile.unit_memory_mb("mlp.up_proj", 0.25, axis="in") == 8 * 48 * 4 * 4 / 2**20
+    # up_proj is 48 x 32: a quarter of its 48 rows is 12 rows x 32 inputs, five fp32 copies each (parameter,
+    # gradient, two moments, and the optimizer step's denominator)
+    assert profile.unit_memory_mb("mlp.up_proj", 0.25) == 12 * 32 * 4 * 5 / 2**20
+    assert profile.unit_memory_mb("mlp.up_proj", 0.25, axis="in") == 8 * 48 * 4 * 5 / 2**20
     whole = profile.unit_memory_mb("*", 1.0)
-    assert whole == sum(o * i for o, i in profile.module_shapes.values()) * 16 / 2**20
+    assert whole == sum(o * i for o, i in profile.module_shapes.values()) * 20 / 2**20
     assert profile.unit_time_s("mlp.up_proj", 0.5) == pytest.approx(profile.unit_extra_s["mlp.up_proj"] * 0.5)
 
 
@@ -49,7 +61,7 @@ def test_trained_values_on_a_bf16_base_are_counted_as_the_float32_deltas_they_ar
     profile = profile_costs(model, batch_size=1, seq_len=8, depths=[3], repeats=1, measure_full=False, progress=False)
     assert profile.weights_mb == sum(p.numel() * 2 for p in model.parameters()) / 2**20  # the frozen bf16 weights
     assert profile.bytes_per_value == 4
-    assert profile.unit_memory_mb("mlp.up_proj", 0.25) == 12 * 32 * 4 * 4 / 2**20
+    assert profile.unit_memory_mb("mlp.up_proj", 0.25) == 12 * 32 * 4 * 5 / 2**20
     # every profiled step's peak is recorded beside the overhead, which is the largest of them
     assert max(profile.settings["step_excess_mb"].values()) == pytest.approx(profile.overhead_mb, abs=0.1)
     assert set(profile.settings["module_step_excess_mb"]) == set(profile.module_shapes)
@@ -98,6 +110,7 @@ def test_a_budget_skips_the_cuts_that_would_not_fit_and_extrapolates_their_activ
     budget = 1000 + weights + activation[3] + 1.5 * per_layer
     bounded = profile_costs(model, **shape, budget_mb=budget)
     assert bounded.overhead_mb == pytest.approx(1000)
+    assert bounded.overhead_mb_by_cut == pytest.approx([1000] * 4)  # untimed cuts get the largest overhead
     assert bounded.settings["depths_measured"] == [2, 3] and bounded.settings["untimed_depths"] == [0, 1]
     assert bounded.activation_mb_by_cut == pytest.approx(activation, rel=1e-6)
     assert bounded.base_memory_mb(1) > budget >= bounded.base_memory_mb(2)

@@ -20,7 +20,8 @@ from pock_hf.tuner import PockConfig
 
 MODULES = ("self_attn.q_proj", "mlp.up_proj", "mlp.down_proj")
 FINGERPRINT = {"digest": "0123abcd", "config": {"model_type": "llama"}}
-# 65536 inputs x 4 bytes x 4 copies = 1 MB per selected output channel: unit memory is a whole number of MB
+# 65536 inputs x 4 bytes x 4 copies = 1 MB per selected output channel: unit memory is a whole number of MB (the
+# synthetic profiles count four copies of a trained value; the profiler's AdamW count is tested in test_costs)
 INPUTS_FOR_ONE_MB_PER_CHANNEL = 65536
 
 
@@ -48,6 +49,7 @@ def random_instance(seed: int, layers: int = 4, modules: int = 2, whole_layer: b
         activation_mb_by_cut=[float(a) for a in activation],
         module_shapes=shapes,
         unit_extra_s={name: int(rng.integers(1, 4)) / 8 for name in names},
+        trained_value_copies=4,
     )
     units = [WHOLE_LAYER] if whole_layer else list(names)
     rows = [
@@ -206,6 +208,7 @@ def handmade(
         activation_mb_by_cut=[4.0, 2.0],
         module_shapes={name: [rows, inputs] for name, rows in rows_of.items()},
         unit_extra_s={name: eighths / 8 for name, eighths in extra_eighths.items()},
+        trained_value_copies=4,
     )
     rows = [SensitivityRow(layer, module, 1.0, gain, "measured", 4, "loss") for (layer, module), gain in gains.items()]
     return SensitivityTable(rows=rows, model_fingerprint=dict(FINGERPRINT), data_fingerprint="data0"), costs
@@ -319,6 +322,7 @@ def uniform_instance(layers: int = 4, damage: dict | None = None, gains: dict | 
         activation_mb_by_cut=[float(layers - 1 - c) for c in range(layers)],
         module_shapes=shapes,
         unit_extra_s=dict.fromkeys(shapes, 0.01),
+        trained_value_copies=4,
     )
     damage, gains = damage or {}, gains or {}
     rows = [

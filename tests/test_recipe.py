@@ -331,9 +331,36 @@ def test_prefix_cache_gives_the_uncached_adapter(run, tiny_model, tmp_path):
         config = write_config(tmp_path / "c.yaml", tiny_model, data, output, train=train)
         assert run(config) == 0
         adapters.append(load_file(output / "adapter" / "adapter_model.safetensors"))
-    assert read_report(output)["prefix_cache"]["hit_batches"] > 0
+    cache = read_report(output)["prefix_cache"]
+    assert cache["hit_batches"] > 0
+    # the bound planning reserves for the cache (every training example's tokens at the cut) holds what it stored
+    assert 0 < cache["size_mb"] <= cache["bound_mb"] < 64
     for name, tensor in adapters[0].items():
         torch.testing.assert_close(adapters[1][name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_the_planner_leaves_the_prefix_cache_its_memory(recipe, tiny_model, tmp_path):
+    """A planned run with the prefix cache plans under the budget less the most the cache can hold: one hidden
+    vector per token of every training example, capped at train.prefix_cache_mb."""
+    rows = write_rows(tmp_path / "rows.json")
+    ceilings = {}
+    for cache_mb in (0, 0.01, 64):
+        train = {"prefix_cache_mb": cache_mb}
+        path = write_config(tmp_path / "c.yaml", tiny_model, rows, tmp_path / "out", train=train)
+        config = recipe.load_recipe_config(path, ["budget.memory_mb=4000"])
+        try:
+            finetune = recipe.FinetuneRecipe(config)
+            finetune.setup()
+            ceilings[cache_mb] = finetune.planning_ceiling_mb()
+            tokens = sum(len(example["input_ids"]) for example in finetune.examples)
+            vector_mb = finetune.model.config.hidden_size * 4 / 2**20  # float32 hidden states
+        finally:
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
+    assert ceilings[0] == 4000
+    assert ceilings[0.01] == pytest.approx(4000 - 0.01)  # the cap binds
+    assert ceilings[64] == pytest.approx(4000 - tokens * vector_mb)  # every example fits under the cap
+    assert tokens * vector_mb < 64
 
 
 def test_data_edge_cases_are_counted_in_the_report(run, tiny_model, tmp_path):

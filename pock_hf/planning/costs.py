@@ -5,8 +5,9 @@ measures, on the device that will train, a training step for every cut depth (wi
 layer) and the extra time of updating each module type in full; memory is counted exactly where it can be
 (weights, the activations autograd saves above the cut, and per-unit parameter + gradient + AdamW state), and what
 it cannot count (the interpreter and its libraries, allocator slack, transient buffers of a step) is measured as the
-*overhead*: the process's peak during the profiled steps minus what was counted. So a planned scheme's memory is the
-process's peak while it trains, which is what a memory budget means.
+*overhead*: the process's peak during a profiled step minus what was counted, per timed cut depth (it grows with the
+depth of backward) and interpolated between. So a planned scheme's memory is the process's peak while it trains,
+which is what a memory budget means.
 
 The full fine-tuning reference is timed without any optimizer state (each parameter's AdamW arithmetic runs on
 temporary state in its gradient hook, and the gradient is dropped there). With `budget_mb`, profiling stays within it
@@ -47,8 +48,10 @@ from .table import WHOLE_LAYER
 
 COSTS_FORMAT_VERSION = 1
 MB = 2**20
-# a trained value costs its parameter, its gradient and AdamW's two moments
-TRAINED_VALUE_COPIES = 4
+# A trained value costs its parameter, its gradient, AdamW's two moments and, at the optimizer step, a fifth: the
+# foreach AdamW computes the denominator sqrt(v) + eps into a new tensor list before the update. Counted with four,
+# a plan at the ceiling trained 6-10 MB over it (tests/test_planning_memory.py).
+TRAINED_VALUE_COPIES = 5
 
 # Memory budgets (MB) of device presets. Presets only set the budget; costs always come from the profiler run on the
 # device that trains. Jetson memory is shared with the OS, so a few GB are left to it; "cpu" is half of this machine's
@@ -73,8 +76,11 @@ class CostProfile:
     `unit_extra_s[module]` is the extra step time (s) of updating `module` (a path inside a layer) at ratio 1; it
     scales linearly with the ratio. `module_shapes[module]` is its weight's [out, in]. `overhead_mb` is the process
     memory (MB) beyond weights, saved activations and trained values at the peak of a step (0 in profiles that did
-    not measure it): the largest excess over the timed steps, whatever their cut (`settings["step_excess_mb"]` has
-    each). `bytes_per_value` is the size of one trained value (float32 deltas also on a bf16 base).
+    not measure it): the largest over the timed cuts, and `overhead_mb_by_cut[c]` the overhead at cut c
+    (interpolated between timed cuts like the step times, never less for a deeper cut; empty in profiles from before
+    it, which use `overhead_mb` for every cut). `bytes_per_value` is the size of one trained value (float32 deltas
+    also on a bf16 base) and `trained_value_copies` how many copies of it a step holds at its peak (AdamW:
+    `TRAINED_VALUE_COPIES`).
     """
 
     device: str
@@ -91,6 +97,8 @@ class CostProfile:
     unit_extra_s: dict[str, float]
     bytes_per_value: int = 4
     overhead_mb: float = 0.0
+    overhead_mb_by_cut: list[float] = field(default_factory=list)
+    trained_value_copies: int = TRAINED_VALUE_COPIES
     settings: dict = field(default_factory=dict)
     format_version: int = COSTS_FORMAT_VERSION
 
@@ -98,13 +106,13 @@ class CostProfile:
         return list(self.module_shapes) if module == WHOLE_LAYER else [module]
 
     def unit_memory_mb(self, module: str, ratio: float, axis: str = "out") -> float:
-        """Memory (MB) of updating `module` (or `"*"`) at `ratio`: parameter, gradient and AdamW state."""
+        """Memory (MB) of updating `module` (or `"*"`) at `ratio`: parameter, gradient, AdamW state and step."""
         values = 0
         for name in self.modules_of(module):
             out_features, in_features = self.module_shapes[name]
             channels, width = (out_features, in_features) if axis == "out" else (in_features, out_features)
             values += channel_count(ratio, channels) * width
-        return values * self.bytes_per_value * TRAINED_VALUE_COPIES / MB
+        return values * self.bytes_per_value * self.trained_value_copies / MB
 
     def unit_time_s(self, module: str, ratio: float) -> float:
         """Extra step time (s) of updating `module` (or `"*"`) at `ratio`."""
@@ -120,7 +128,8 @@ class CostProfile:
     def base_memory_mb(self, cut: int) -> float:
         """Peak process memory (MB) of a step with cut `cut`, before the units' own memory: overhead, weights and
         saved activations."""
-        return self.overhead_mb + self.weights_mb + self.activation_mb_by_cut[cut]
+        overhead = self.overhead_mb_by_cut[cut] if self.overhead_mb_by_cut else self.overhead_mb
+        return overhead + self.weights_mb + self.activation_mb_by_cut[cut]
 
     def check_model(self, model: nn.Module) -> None:
         """Raise `ValueError` naming both fingerprints unless the profile was measured on `model` (unwrapped)."""
@@ -146,9 +155,14 @@ class CostProfile:
 
     def _check_consistent(self, source: str) -> None:
         """What the planner relies on beyond field types: one entry per cut depth, positive sizes and times."""
-        if self.num_layers < 1 or self.batch_size < 1 or self.seq_len < 1 or self.bytes_per_value < 1:
-            raise ValueError(f"{source}: num_layers, batch_size, seq_len and bytes_per_value must be positive.")
-        for name in ("step_s_by_cut", "activation_mb_by_cut"):
+        if min(self.num_layers, self.batch_size, self.seq_len, self.bytes_per_value, self.trained_value_copies) < 1:
+            raise ValueError(
+                f"{source}: num_layers, batch_size, seq_len, bytes_per_value and trained_value_copies must be "
+                "positive."
+            )
+        for name in ("step_s_by_cut", "activation_mb_by_cut", "overhead_mb_by_cut"):
+            if name == "overhead_mb_by_cut" and not self.overhead_mb_by_cut:
+                continue  # a profile from before it: `overhead_mb` stands for every cut
             if len(getattr(self, name)) != self.num_layers:
                 raise ValueError(
                     f"{source}: field {name!r} has {len(getattr(self, name))} entries; num_layers is {self.num_layers}."
@@ -188,8 +202,10 @@ def profile_costs(
     Give a real batch where the memory matters: the loss's buffers grow with the labelled positions.
     Step time is the median of `repeats` timed steps after one warm-up. Cut depths not in `depths` (default: about
     eight depths spread over the stack, always including the first and last layer) are interpolated linearly;
-    activation memory is counted for every depth from the tensors autograd saves (exact, device-independent). The
-    overhead is the largest excess of a timed step's process peak over its counted memory. `measure_full` also times
+    activation memory is counted for every depth from the tensors autograd saves (exact, device-independent). A
+    timed cut's overhead is the excess of its step's process peak over its counted memory (interpolated between timed
+    cuts, never less for a deeper one, and the largest for cuts left untimed under the budget; `overhead_mb` is the
+    largest). `measure_full` also times
     a full fine-tuning step, the reference of `budget_time_ratio`; without it the cut-0 step stands in.
 
     With `budget_mb` (MB of process peak), depths whose step would exceed it are not run (see the module docstring);
@@ -268,18 +284,21 @@ def profile_costs(
             for name, parameter in model.named_parameters():
                 parameter.requires_grad_(requires_grad[name])
             model.train(was_training)
-    # a deeper cut never costs more: smooth out timing noise so the planner's cost model is monotone
-    for depth in range(num_layers - 2, -1, -1):
-        step_s_by_cut[depth] = max(step_s_by_cut[depth], step_s_by_cut[depth + 1])
+    # The excess over what was counted grows with the depth of backward (SmolLM2-135M, checkpointed: 798 MB at cut
+    # 29, 868 MB at cut 0), so each cut gets its own; a cut left untimed under the budget gets the largest.
+    overhead_by_cut = [max(0.0, mb) for mb in _interpolate(excess, num_layers)]
+    for depth in untimed:
+        overhead_by_cut[depth] = max(overhead, 0.0)
+    # a deeper cut never costs more: smooth out measurement noise so the planner's cost model is monotone
+    for values in (step_s_by_cut, overhead_by_cut):
+        for depth in range(num_layers - 2, -1, -1):
+            values[depth] = max(values[depth], values[depth + 1])
     first = model.get_submodule(f"{layers_name}.0")
     settings = {
         "batch": "given" if given_batch else "random tokens, all labelled",
         "depths_measured": sorted(measured),
         "untimed_depths": sorted(untimed),
-        # Each timed step's process peak beyond weights and activations (MB). It grows with the depth of backward
-        # (SmolLM2-135M: 798 MB at cut 29, 868 MB at cut 0), yet the largest stands for every cut: with its own,
-        # a plan at the ceiling went 10 MB over in training (tests/test_planning_memory.py), its units costing more
-        # than they are counted at the optimizer step.
+        # each timed step's process peak beyond weights and activations (MB), the overhead of its cut
         "step_excess_mb": {str(depth): round(mb, 1) for depth, mb in sorted(excess.items())},
         # the same at the top layer with one whole module trained, beyond its counted values too (a check on them)
         "module_step_excess_mb": {module: round(mb, 1) for module, mb in unit_excess.items()},
@@ -304,6 +323,7 @@ def profile_costs(
         unit_extra_s=unit_extra_s,
         bytes_per_value=bytes_per_value,
         overhead_mb=max(overhead, 0.0),
+        overhead_mb_by_cut=overhead_by_cut,
         settings=settings,
     )
 
@@ -415,7 +435,7 @@ def _full_step_s(model: nn.Module, batch: dict, repeats: int) -> float:
 
 
 def _interpolate(measured: dict[int, float], num_layers: int) -> list[float]:
-    """Step time for every depth, linear between measured depths (held constant beyond the ends)."""
+    """A value for every depth (step time, overhead), linear between measured depths (held beyond the ends)."""
     depths = sorted(measured)
     values = []
     for depth in range(num_layers):
