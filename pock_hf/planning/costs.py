@@ -49,8 +49,8 @@ from .table import WHOLE_LAYER
 COSTS_FORMAT_VERSION = 1
 MB = 2**20
 # A trained value costs its parameter, its gradient, AdamW's two moments and, at the optimizer step, a fifth: the
-# foreach AdamW computes the denominator sqrt(v) + eps into a new tensor list before the update. Counted with four,
-# a plan at the ceiling trained 6-10 MB over it (tests/test_planning_memory.py).
+# foreach AdamW computes the denominator sqrt(v) + eps into a new tensor list before the update. Counted with four
+# and each cut's own overhead, a plan at the ceiling trained 6-10 MB over it (tests/test_planning_memory.py).
 TRAINED_VALUE_COPIES = 5
 
 # Memory budgets (MB) of device presets. Presets only set the budget; costs always come from the profiler run on the
@@ -205,8 +205,8 @@ def profile_costs(
     activation memory is counted for every depth from the tensors autograd saves (exact, device-independent). A
     timed cut's overhead is the excess of its step's process peak over its counted memory (interpolated between timed
     cuts, never less for a deeper one, and the largest for cuts left untimed under the budget; `overhead_mb` is the
-    largest). `measure_full` also times
-    a full fine-tuning step, the reference of `budget_time_ratio`; without it the cut-0 step stands in.
+    largest). `measure_full` also times a full fine-tuning step, the reference of `budget_time_ratio`; without it the
+    cut-0 step stands in.
 
     With `budget_mb` (MB of process peak), depths whose step would exceed it are not run (see the module docstring);
     `settings["untimed_depths"]` lists them. `gradient_checkpointing` profiles checkpointed steps (non-reentrant,
@@ -251,6 +251,10 @@ def profile_costs(
                 if budget_mb is not None and measured and overhead + weights_mb + activation[depth] > budget_mb:
                     untimed.append(depth)
                     continue
+                # What earlier steps and phases freed is not this step's overhead: the training and each measured
+                # candidate start from a trimmed heap too. Untrimmed, the first profiled step's excess stood for
+                # every cut (SmolLM2, after the proxy: 905 MB at cut 29 against 849 MB at cut 10).
+                release_free_memory(device)
                 reset_peak_memory(device)
                 measured[depth] = _wrapped_step_s(model, minimal[depth], batch, repeats, options)
                 excess[depth] = peak_memory_mb(device) - weights_mb - activation[depth]
@@ -266,6 +270,7 @@ def profile_costs(
             bytes_per_value = _trained_bytes_per_value(model, minimal[top], options)
             unit_excess = {}
             for module in tqdm(layer_modules, desc="profiling module updates", disable=not progress):
+                release_free_memory(device)
                 reset_peak_memory(device)
                 name = f"{layers_name}.{top}.{module}"
                 full_module = _wrapped_step_s(model, {name: 1.0}, batch, repeats, options)
