@@ -525,3 +525,28 @@ def test_a_depth_candidate_whose_own_training_went_over_the_ceiling_is_not_chose
     over = [dataclasses.replace(c, peak_memory_mb=ceiling + 1.0) for c in table.schemes]
     with pytest.raises(ValueError, match=r"peaked above it while it trained \(the lowest at"):
         make_plan(dataclasses.replace(table, schemes=over), costs, budget_mb=ceiling)
+
+
+def test_cheapest_is_judged_at_the_memory_noise_of_the_measured_peaks():
+    """Two candidates within noise of each other's gain - damage, one a little cheaper by prediction: where the
+    measured peaks stray from the predictions by more than that difference, they cost the same and the better one
+    is chosen; where the peaks match the predictions (or none were measured), the cheaper one is."""
+    table, costs = uniform_instance()
+    cheaper = [(layer, MODULES[0], 1.0) for layer in (2, 3)]
+    better = [(layer, MODULES[1], 1.0) for layer in (1, 2, 3)]
+    candidates = depth_candidates(table, [("a, layers 2-3", cheaper, 0.80, 0.0), ("b, layers 1-3", better, 0.81, 0.0)])
+    table.settings["scheme_candidates"] = "depths"
+    table.settings["schemes_device"] = costs.device
+    predicted = {c.label: costs.scheme_cost(c.units)[0] for c in candidates}
+    assert predicted["a, layers 2-3"] < predicted["b, layers 1-3"]
+    ceiling = max(predicted.values()) + 20
+    table.schemes = candidates
+    assert make_plan(table, costs, budget_mb=ceiling).units == sorted(cheaper)  # no peaks: the cheaper one
+    exact = [dataclasses.replace(c, peak_memory_mb=predicted[c.label]) for c in candidates]
+    assert make_plan(dataclasses.replace(table, schemes=exact), costs, budget_mb=ceiling).units == sorted(cheaper)
+    # peaks 5 MB under and over their predictions: a memory noise of 7 MB, more than the 2 MB between the two
+    assert predicted["b, layers 1-3"] - predicted["a, layers 2-3"] < 5
+    shifts = {"a, layers 2-3": -5.0, "b, layers 1-3": 5.0}
+    noisy = [dataclasses.replace(c, peak_memory_mb=predicted[c.label] + shifts[c.label]) for c in candidates]
+    plan = make_plan(dataclasses.replace(table, schemes=noisy), costs, budget_mb=ceiling)
+    assert plan.units == sorted(better) and "memory noise (7.07 MB)" in plan.stop_reason

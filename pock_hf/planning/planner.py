@@ -42,6 +42,7 @@ import itertools
 import json
 import math
 import os
+import statistics
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -402,15 +403,20 @@ def _measured_plan(
     gains and damage as measured, noise the typical paired standard error between two candidates. A candidate's
     memory is the larger of the cost model's and the peak measured while it trained on this device (the table's
     `settings["schemes_device"]` is `costs.device`): one that went over the ceiling in its own training is not
-    chosen, whatever the cost model said."""
+    chosen, whatever the cost model said. "Cheapest" is judged at the memory noise, the standard deviation of the
+    candidates' measured peaks from their predictions: among the candidates within noise of the best gain - damage,
+    those within that noise of the cheapest cost the same, and the best of them is chosen (depth candidates are each
+    the best scheme at the ceiling for their depth, so their memory differs by less than the measurement can tell)."""
     planner = _Planner(dataclasses.replace(table, schemes=[]), costs, axis, damage_weight)  # checks, costs
     budget_s = planner.check_budgets(budget_mb, budget_time_ratio)
     rows = {(row.layer, row.module, row.ratio): row for row in table.rows}
     same_device = table.settings.get("schemes_device") == costs.device  # a peak measured elsewhere says nothing here
-    candidates, over_by_peak = [], []
+    candidates, over_by_peak, misses = [], [], []
     for measurement in table.schemes:
         units = sorted(tuple(unit) for unit in measurement.units)
         predicted, step = costs.scheme_cost(units, axis)
+        if same_device and measurement.peak_memory_mb is not None:
+            misses.append(measurement.peak_memory_mb - predicted)
         memory = max(predicted, measurement.peak_memory_mb or 0.0) if same_device else predicted
         if (budget_mb is None or memory <= budget_mb) and (budget_s is None or step <= budget_s):
             value = measurement.gain - damage_weight * (measurement.damage or 0.0)
@@ -435,11 +441,16 @@ def _measured_plan(
     if spend == "budget":
         chosen, reason = best, "spend='budget': the best measured candidate under the ceiling"
     else:
-        chosen = next(candidate for candidate in candidates if candidate[2] >= best[2] - noise)
+        within = [candidate for candidate in candidates if candidate[2] >= best[2] - noise]
+        memory_noise = statistics.stdev(misses) if len(misses) >= 2 else 0.0
+        as_cheap = [candidate for candidate in within if candidate[0] <= within[0][0] + memory_noise]
+        chosen = max(as_cheap, key=lambda candidate: (candidate[2], -candidate[0]))
         reason = (
             f"cheapest measured candidate within noise ({noise:.3g}) of the best measured gain - damage "
             f"({best[2]:.4g}: {best[4].label})"
         )
+        if memory_noise:
+            reason += f", the best of those within the memory noise ({memory_noise:.3g} MB) of the cheapest"
     memory, step, _, units, measurement = chosen
     ladder = [
         LadderRung(
