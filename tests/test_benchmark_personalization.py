@@ -27,7 +27,8 @@ def test_personalization_benchmark_end_to_end(tmp_path):
     ceiling = runs["hand"][0]["peak_memory_mb"] + 300
     planned = json.loads((out / "tomasz_seed0" / "planned" / "scheme.json").read_text())
     # the plan's own ceiling is the benchmark's, less what the planned run's prefix cache may hold beside it
-    reserved = runs["planned"][0]["prefix_cache"]["bound_mb"]
+    report = json.loads((out / "tomasz_seed0" / "planned" / "report.json").read_text())
+    reserved = report["prefix_cache"]["bound_mb"]
     assert reserved > 0  # the demo config caches the frozen prefix
     assert planned["budget_mb"] == pytest.approx(ceiling - reserved, abs=0.1) and planned["selection"] == "measured"
     curve = json.loads((out / "tomasz_seed0" / "curve" / "scheme.json").read_text())
