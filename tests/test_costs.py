@@ -105,7 +105,7 @@ def test_a_budget_skips_the_cuts_that_would_not_fit_and_extrapolates_their_activ
     monkeypatch.setattr(costs_module, "_wrapped_step_s", step)
     monkeypatch.setattr(costs_module, "peak_memory_mb", lambda device: process["peak"])
     monkeypatch.setattr(costs_module, "current_memory_mb", lambda device: 1000 + weights)
-    monkeypatch.setattr(costs_module, "reset_peak_memory", lambda device: True)
+    monkeypatch.setattr(costs_module, "start_measured_phase", lambda device: True)
     per_layer = activation[2] - activation[3]
     budget = 1000 + weights + activation[3] + 1.5 * per_layer
     bounded = profile_costs(model, **shape, budget_mb=budget)

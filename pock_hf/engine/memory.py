@@ -77,6 +77,13 @@ def release_free_memory(device: torch.device) -> None:
         trim(0)
 
 
+def start_measured_phase(device: torch.device) -> bool:
+    """Begin a phase whose peak is its own: release what earlier work freed, then start a new peak there. Returns what
+    `reset_peak_memory` returns (False: the peak keeps counting from before)."""
+    release_free_memory(device)
+    return reset_peak_memory(device)
+
+
 @cache
 def _malloc_trim():
     """glibc's `malloc_trim`, or None on other C libraries."""

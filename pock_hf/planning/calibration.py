@@ -30,7 +30,7 @@ import numpy as np
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..engine.memory import peak_memory_mb, release_free_memory, reset_peak_memory
+from ..engine.memory import peak_memory_mb, start_measured_phase
 from ..tuner.depth_cut import checkpointing_restored
 from .costs import CostProfile
 from .gain_model import SchemeMeasurement
@@ -128,8 +128,7 @@ def measure_schemes(
                 channel_indices=scheme_channel_indices(table, plan.scheme),
                 gradient_checkpointing=gradient_checkpointing,
             )
-            release_free_memory(device)  # what the previous candidate freed is not this one's peak
-            peak_resets = reset_peak_memory(device)
+            peak_resets = start_measured_phase(device)  # what the previous candidate freed is not this one's peak
             started = time.perf_counter()
             wrapped = train_scheme(model, config, data.train_batches, lr, settings["seed"])
             step_s = (time.perf_counter() - started) / len(data.train_batches)

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..engine.memory import current_memory_mb, peak_memory_mb, release_free_memory, reset_peak_memory
+from ..engine.memory import current_memory_mb, peak_memory_mb, release_free_memory, start_measured_phase
 from ..io.files import atomic_write_text, check_format_version, dataclass_from_json, read_json_object
 from ..tuner import PockConfig, get_pock_model
 from ..tuner.depth_cut import checkpointing_restored, find_decoder_layers
@@ -254,8 +254,7 @@ def profile_costs(
                 # What earlier steps and phases freed is not this step's overhead: the training and each measured
                 # candidate start from a trimmed heap too. Untrimmed, the first profiled step's excess stood for
                 # every cut (SmolLM2, after the proxy: 905 MB at cut 29 against 849 MB at cut 10).
-                release_free_memory(device)
-                reset_peak_memory(device)
+                start_measured_phase(device)
                 measured[depth] = _wrapped_step_s(model, minimal[depth], batch, repeats, options)
                 excess[depth] = peak_memory_mb(device) - weights_mb - activation[depth]
                 overhead = max(overhead, excess[depth])
@@ -270,8 +269,7 @@ def profile_costs(
             bytes_per_value = _trained_bytes_per_value(model, minimal[top], options)
             unit_excess = {}
             for module in tqdm(layer_modules, desc="profiling module updates", disable=not progress):
-                release_free_memory(device)
-                reset_peak_memory(device)
+                start_measured_phase(device)
                 name = f"{layers_name}.{top}.{module}"
                 full_module = _wrapped_step_s(model, {name: 1.0}, batch, repeats, options)
                 unit_extra_s[module] = max(0.0, full_module - measured[top])
