@@ -729,6 +729,11 @@ class FinetuneRecipe:
         table.check_model(self.model)
         costs = CostProfile.from_json(pock.costs) if pock.costs else None
         ceiling = self.planning_ceiling_mb()
+        if ceiling is not None and ceiling < budget_mb(config):
+            self.log(
+                f"Planning under {ceiling:,.0f} MB: the budget less the {budget_mb(config) - ceiling:,.1f} MB "
+                "the prefix cache may hold"
+            )
         if costs is None:
             costs = profile_device(config, self.model, self.heaviest_micro_batch(), ceiling)
             self.record_memory("cost profile")
@@ -793,13 +798,7 @@ class FinetuneRecipe:
         budget = budget_mb(self.config)
         if budget is None:
             return None
-        reserved = self.prefix_cache_bound_mb()
-        if reserved:
-            self.log(
-                f"Planning under {budget - reserved:,.0f} MB: the budget less the {reserved:,.1f} MB "
-                "the prefix cache may hold"
-            )
-        return budget - reserved
+        return budget - self.prefix_cache_bound_mb()
 
     def prefix_cache_bound_mb(self) -> float:
         """The most the prefix cache can hold in this run (MB): the hidden state at the cut of every training
