@@ -58,6 +58,7 @@ def load_system(system: System, *, device: str = "cpu", dtype: str = "float32"):
         from peft import PeftModel
 
         import pock_hf  # noqa: F401  (registers PeftType.POCK, so Pock adapters load)
+        from pock_hf.tuner.head_input import install_contiguous_head_input
 
         folder = Path(system.adapter)
         if folder.exists() and not (folder / "adapter_model.safetensors").is_file():
@@ -65,6 +66,8 @@ def load_system(system: System, *, device: str = "cpu", dtype: str = "float32"):
                 f"Adapter folder {os.fspath(folder)} has no adapter_model.safetensors (pickled .bin adapters are not "
                 "loaded: they can run code)."
             )
+        # the adapter freezes the head: batched generation then needs its input contiguous (see head_input)
+        install_contiguous_head_input(model)
         model = PeftModel.from_pretrained(model, system.adapter)
     return model.to(device).eval(), tokenizer
 

@@ -73,6 +73,7 @@ from pock_hf.recipe_config import (
 )
 from pock_hf.tuner.depth_cut import find_decoder_layers
 from pock_hf.tuner.fingerprint import model_fingerprint
+from pock_hf.tuner.head_input import install_contiguous_head_input
 
 ARCHITECTURES = Path(__file__).with_name("architectures.yaml")
 # Sharded data parallelism would split the frozen weights too; Pock trains a small set of channels, so plain DDP
@@ -396,6 +397,8 @@ def wrap(config: RecipeConfig, model, pock_config: PockConfig | None):
         return get_pock_model(model, pock_config)
     if config.method == "lora":
         lora = config.lora
+        # a frozen head as Pock's, so the two generate (and compare peaks) alike
+        install_contiguous_head_input(model)
         return get_peft_model(
             model,
             LoraConfig(

@@ -24,6 +24,7 @@ from .depth_cut import (
     set_checkpointing,
 )
 from .fingerprint import architecture_fingerprint, check_fingerprint
+from .head_input import install_contiguous_head_input, remove_contiguous_head_input
 from .layer import Linear, PockLayer
 from .loss import install_label_only_loss, remove_label_only_loss
 from .quantize import frozen_weight, quantize_frozen_linears
@@ -236,6 +237,7 @@ class PockModel(BaseTuner):
         self._backward_watch: list = []  # hook handles of the pending check (see `_watch_first_backward`)
         self._backward_verified = False
         install_depth_cut(layers, self._depth_cut)
+        install_contiguous_head_input(model)
         # Hooks on the transformers model itself, because PeftModel (no task type) calls it directly, not us. They are
         # bound methods of this tuner, which deepcopy rebinds to the copy's tuner.
         self._forward_hook_handles = [
@@ -330,6 +332,7 @@ class PockModel(BaseTuner):
     def _unload_and_optionally_merge(self, *args, **kwargs):
         remove_depth_cut(find_decoder_layers(self.model)[1])
         remove_label_only_loss(self.model)
+        remove_contiguous_head_input(self.model)
         for handle in self._forward_hook_handles:
             handle.remove()
         return super()._unload_and_optionally_merge(*args, **kwargs)
