@@ -138,3 +138,41 @@ def test_depth_candidates_reach_their_depth_and_train_their_block_only(setup):
         depth_plans(table, costs, [0.5], ["attn"], budget_mb=ceiling)
     with pytest.raises(ValueError, match="in \\(0, 1\\]; got 1.5"):
         depth_plans(table, costs, [1.5], budget_mb=ceiling)
+
+
+def test_candidates_after_one_that_peaked_over_its_prediction_are_planned_under_the_lowered_ceiling(
+    setup, monkeypatch
+):
+    import pock_hf.planning.calibration as calibration
+
+    model, table, costs, (train, evaluation, replay) = setup
+    ceiling = costs.base_memory_mb(0) + 0.5
+    excess = 0.3  # MB: the first candidate peaks this far above its prediction, as bf16 training on a CPU does
+    trained = []
+    real_train = calibration.train_scheme
+
+    def train_recording(model, config, *args):
+        trained.append(config)
+        return real_train(model, config, *args)
+
+    monkeypatch.setattr(calibration, "train_scheme", train_recording)
+    monkeypatch.setattr(calibration, "start_measured_phase", lambda device: True)
+    predicted = []
+    monkeypatch.setattr(
+        calibration, "peak_memory_mb", lambda device: predicted[-1] + (excess if len(predicted) == 1 else 0)
+    )
+    real_to_config = calibration.Plan.to_config
+
+    def to_config_recording(plan, **kwargs):
+        predicted.append(plan.predicted_memory_mb)
+        return real_to_config(plan, **kwargs)
+
+    monkeypatch.setattr(calibration.Plan, "to_config", to_config_recording)
+    run = {"budget_mb": ceiling, "depths": [0.5, 1.0], "blocks": ["all", "mlp"], "steps": 2}
+    measured = measure_schemes(model, None, table, costs, train, evaluation, replay, **run)
+    first, *later = measured.schemes
+    assert first.peak_memory_mb == pytest.approx(first.memory_mb + excess)
+    assert later and all(s.memory_mb <= ceiling - excess + 1e-6 for s in later)  # each fits with the excess added
+    assert len({tuple(sorted(s.units)) for s in measured.schemes}) == len(measured.schemes)
+    assert measured.settings["schemes_excess_mb"] == pytest.approx(excess)
+    assert len(trained) == len(measured.schemes)

@@ -84,7 +84,10 @@ def measure_schemes(
     above the cut, as the cost profile measured it), so it fits the memory the planner gave it; the model's own
     checkpointing setting is restored afterwards. With `depths` (fractions in (0, 1] of the decoder layers that
     backward may reach, from the top), the candidates are the best scheme under the ceiling for each depth and each
-    of `blocks`, distinct ones only; the table's `settings["scheme_candidates"]` says which kind it holds.
+    of `blocks`, distinct ones only; the table's `settings["scheme_candidates"]` says which kind it holds. Once a
+    depth candidate has peaked above its prediction, each later one that would not fit the ceiling with that excess
+    added is planned again under the ceiling less the largest excess so far (the process's memory can grow beyond one
+    profiled step: bf16 training on a CPU does, by 170-320 MB on SmolLM2); `settings["schemes_excess_mb"]` records it.
 
     Raises:
         ValueError: `count` below 2 or `steps` below 1, no ceiling, data other than the table's (both fingerprints named), a model other
@@ -114,16 +117,26 @@ def measure_schemes(
             f"({table.data_fingerprint}): pass the same training, validation and replay rows."
         )
     if depths is None:
-        labelled = [("", plan) for plan in _additive_plans(table, costs, budget_mb, budget_time_ratio, count, axis)]
+        plans = _additive_plans(table, costs, budget_mb, budget_time_ratio, count, axis)
+        labelled = [(None, None, "", plan) for plan in plans]
     else:
-        labelled = depth_plans(table, costs, depths, blocks, budget_mb=budget_mb, budget_time_ratio=budget_time_ratio,
-                               axis=axis)  # fmt: skip
+        labelled = _checked_depth_candidates(table, costs, depths, blocks, budget_mb, budget_time_ratio, axis)
     eval_before, eval_counts = example_losses(model, data.eval_batches)
     replay_before, replay_counts = example_losses(model, data.replay_batches) if data.replay_batches else (None, None)
     measurements, previous = [], None
     device = next(model.parameters()).device
     with checkpointing_restored(model, gradient_checkpointing):  # each trains as asked; the model's own setting after
-        for label, plan in tqdm(labelled, desc="measuring schemes", unit="scheme", disable=not progress):
+        excess, seen = 0.0, {tuple(sorted(plan.units)) for *_, plan in labelled}
+        for depth, block, label, plan in tqdm(labelled, desc="measuring schemes", unit="scheme", disable=not progress):
+            if depth is not None and budget_mb is not None and plan.predicted_memory_mb + excess > budget_mb:
+                # the candidates trained so far peaked above their predictions: this one is planned again under the
+                # ceiling less that excess, so that it trains within the ceiling itself
+                lowered = _depth_candidates(table, costs, [depth], [block], budget_mb - excess, budget_time_ratio,
+                                            axis, seen)  # fmt: skip
+                replanned = next(lowered, None)
+                if replanned is None:
+                    continue  # nothing new of this block at this depth fits the lowered ceiling
+                label, plan = replanned[2], replanned[3]
             config = plan.to_config(
                 channel_indices=scheme_channel_indices(table, plan.scheme),
                 gradient_checkpointing=gradient_checkpointing,
@@ -133,6 +146,8 @@ def measure_schemes(
             wrapped = train_scheme(model, config, data.train_batches, lr, settings["seed"])
             step_s = (time.perf_counter() - started) / len(data.train_batches)
             peak_mb = peak_memory_mb(device) if peak_resets else None
+            if peak_mb is not None:
+                excess = max(excess, peak_mb - plan.predicted_memory_mb)
             try:
                 eval_after = example_losses(wrapped, data.eval_batches)[0]
                 gain, gain_se = paired_difference(eval_before, eval_after, eval_counts)
@@ -164,6 +179,7 @@ def measure_schemes(
         **table.settings,
         "scheme_candidates": "budgets" if depths is None else "depths",
         "schemes_device": costs.device,  # where the candidates' peaks were measured
+        "schemes_excess_mb": excess,  # the most a candidate peaked above its prediction (0: none did)
     }
     return dataclasses.replace(table, schemes=measurements, settings=settings)
 
@@ -186,6 +202,12 @@ def depth_plans(
         ValueError: a depth outside (0, 1], an unknown block (the message lists the table's), or no depth and block
             with a scheme under the ceiling.
     """
+    candidates = _checked_depth_candidates(table, costs, depths, blocks, budget_mb, budget_time_ratio, axis)
+    return [(label, plan) for _, _, label, plan in candidates]
+
+
+def _checked_depth_candidates(table, costs, depths, blocks, budget_mb, budget_time_ratio, axis) -> list:
+    """`_depth_candidates` as a list, after checking depths and blocks (the errors of `depth_plans`)."""
     known = sorted({block_of(module) for module in table.layer_modules})
     for block in blocks:
         if block != ALL_BLOCKS and block not in known:
@@ -193,9 +215,17 @@ def depth_plans(
     for depth in depths:
         if isinstance(depth, bool) or not 0 < depth <= 1:
             raise ValueError(f"A depth is the fraction of layers backward may reach, in (0, 1]; got {depth!r}.")
+    candidates = list(_depth_candidates(table, costs, depths, blocks, budget_mb, budget_time_ratio, axis))
+    if not candidates:
+        raise ValueError(f"No scheme fits the ceiling at depths {list(depths)} and blocks {list(blocks)}.")
+    return candidates
+
+
+def _depth_candidates(table, costs, depths, blocks, budget_mb, budget_time_ratio, axis, seen=None):
+    """(depth, block, label, plan) of `depth_plans`, skipping schemes already in `seen` (and adding to it)."""
     bare = dataclasses.replace(table, schemes=[])
     num_layers = costs.num_layers
-    plans, seen = [], set()
+    seen = set() if seen is None else seen
     for depth in sorted(depths):
         floor = num_layers - max(1, round(depth * num_layers))
         for block in blocks:
@@ -220,10 +250,7 @@ def depth_plans(
             key = tuple(sorted(plan.units))
             if key not in seen:
                 seen.add(key)
-                plans.append((f"{block}, layers {floor}-{num_layers - 1}", plan))
-    if not plans:
-        raise ValueError(f"No scheme fits the ceiling at depths {list(depths)} and blocks {list(blocks)}.")
-    return plans
+                yield depth, block, f"{block}, layers {floor}-{num_layers - 1}", plan
 
 
 def _additive_plans(table, costs, budget_mb, budget_time_ratio, count, axis) -> list:
