@@ -119,11 +119,14 @@ def test_packed_batches_train_exactly_as_padded_ones(run, tiny_model, tmp_path):
     assert losses["true"][-1] < losses["true"][0]
 
 
-def test_quantize_frozen_with_a_fixed_scheme_loads_quantized(run, tiny_model, tmp_path):
+def test_quantize_frozen_with_a_fixed_scheme_loads_quantized(run, tmp_path):
     """The frozen weights never load in full precision: every decoder linear is NF4 from the start, and the saved
     adapter reloads onto a base loaded the same way to the trained model's outputs."""
     from pock_hf.data.default_model import load_model_and_tokenizer
 
+    # shapes every bitsandbytes CPU path takes: on AVX512-BF16 CPUs it packs NF4 weights in blocks of 64 inputs x 32
+    # outputs, and the default tiny model's 32-wide layers crash there inside bitsandbytes
+    tiny_model = save_tiny_checkpoint(tmp_path / "tiny64", hidden_size=64, intermediate_size=128)
     output = tmp_path / "out"
     config = write_config(tmp_path / "c.yaml", tiny_model, write_rows(tmp_path / "rows.json"), output)
     assert run(config, "pock.quantize_frozen=nf4") == 0
