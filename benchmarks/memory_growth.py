@@ -1,19 +1,21 @@
 """Does a training run's memory grow beyond one step? The process's peak over `--steps` Pock steps of one length
-against the same number of steps whose lengths vary (as a real run's batches do), in a given dtype.
+against the same number of steps whose lengths vary (as a real run's batches do), in a given dtype, with torch's
+per-shape kernel caches as pock_hf caps them and with torch's default 1,024 entries each.
 
     python benchmarks/memory_growth.py --dtype bfloat16      # each case in its own process, about 3 min on 2 cores
     python benchmarks/memory_growth.py --dtype float32
 
 The scheme is the MLPs of layers 24-29 of SmolLM2-135M-Instruct at 100% of their channels, checkpointing above the cut,
 batches of 8 random rows (labels on the second half): one length is 128 tokens, varying lengths cycle through 48-127.
-The cost profile predicts from one step; where the varying case peaks well above the fixed one, a plan needs the
-depth candidates' measured peaks (`measure_schemes` re-plans after an excess). Prints one JSON line per case.
+The cost profile predicts from one step; where the varying case peaks well above the fixed one, so does a run above
+its plan (`engine.memory.bound_kernel_caches` says why the caps matter). Prints one JSON line per case.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -23,13 +25,16 @@ SCHEME = {
 }
 
 
+CASES = (("fixed", None), ("varying", None), ("varying", 1024))  # (lengths, kernel cache entries; None: pock_hf's)
+
+
 def run_case(dtype: str, steps: int, vary: bool) -> dict:
     """One case in this process: load the model, train `steps` steps, report the peak above the loaded model (MB)."""
     import torch
 
     from pock_hf import PockConfig
     from pock_hf.data.default_model import load_model_and_tokenizer
-    from pock_hf.engine.memory import current_memory_mb, peak_memory_mb, start_measured_phase
+    from pock_hf.engine.memory import KERNEL_CACHE_VARIABLES, current_memory_mb, peak_memory_mb, start_measured_phase
     from pock_hf.planning.sensitivity import train_scheme
 
     cpu = torch.device("cpu")
@@ -49,6 +54,7 @@ def run_case(dtype: str, steps: int, vary: bool) -> dict:
         "dtype": dtype,
         "lengths": "varying 48-127" if vary else "128",
         "steps": steps,
+        "kernel_cache_entries": int(os.environ[KERNEL_CACHE_VARIABLES[0]]),
         "loaded_mb": round(loaded),
         "peak_mb": round(peak_memory_mb(cpu)),
         "growth_mb": round(peak_memory_mb(cpu) - loaded),
@@ -65,9 +71,12 @@ def main() -> None:
     if args.case:
         print(json.dumps(run_case(args.dtype, args.steps, args.case == "varying")))
         return
-    for case in ("fixed", "varying"):
+    from pock_hf.engine.memory import KERNEL_CACHE_VARIABLES
+
+    for case, entries in CASES:
         command = [sys.executable, __file__, "--dtype", args.dtype, "--steps", str(args.steps), "--case", case]
-        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        env = os.environ if entries is None else {**os.environ, **dict.fromkeys(KERNEL_CACHE_VARIABLES, str(entries))}
+        done = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
         print(done.stdout.strip().splitlines()[-1])
 
 

@@ -7,6 +7,10 @@ from .log_filters import silence_bitsandbytes_kernel_notice
 
 silence_bitsandbytes_kernel_notice()  # before the imports below pull in peft, and with it bitsandbytes
 
+from .engine.memory import bound_kernel_caches
+
+bound_kernel_caches()  # before any matmul: a run's memory then stays where its profiled step predicts
+
 from .engine.optim_in_backward import OptimizerInBackward
 from .engine.prefix_cache import PrefixCache
 from .engine.trainer import PockTrainer
