@@ -36,3 +36,17 @@ def test_nf4_loading_never_holds_the_float_model(tmp_path):
     # NF4 holds ~0.53 bytes per weight against float32's 4; half the float model leaves room for loading's own
     # buffers while any moment holding the float weights (one copy of them) would exceed it
     assert loading["anon_peak_mb"] < 0.5 * float_mb, loading
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nf4_layers_load_on_the_standard_layout_and_run_inference_on_any_shape(tmp_path, dtype):
+    # 32-wide layers: bitsandbytes' packed AVX512-BF16 CPU layout, which it would switch to on the first no-grad
+    # forward in eval mode, takes in_features in multiples of 64 only and crashes on these
+    model, _ = load_model_and_tokenizer(save_tiny_checkpoint(tmp_path / "tiny"), dtype=dtype, quantize="nf4")
+    nf4 = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    ids = torch.arange(1, 17).reshape(2, 8)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert torch.isfinite(logits).all()
+    assert nf4 and not any(m.support_avx512bf16_for_cpu for m in nf4)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in nf4)

