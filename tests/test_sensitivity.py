@@ -211,6 +211,21 @@ def test_micro_batches_and_layer_groups_give_the_same_table(monkeypatch):
         assert b.damage == pytest.approx(a.damage, rel=1e-3, abs=1e-8)
 
 
+def test_a_bf16_model_is_measured_in_groups_of_as_many_weights_as_a_float32_one(monkeypatch):
+    # the proxy's gradients and directions are float32 whatever the weights' dtype, so the allowance counts float32
+    model, groups = tiny_llama().to(torch.bfloat16), []
+    original = _Proxy._measure_group
+
+    def record(self, names):
+        groups.append(names)
+        return original(self, names)
+
+    monkeypatch.setattr(_Proxy, "_measure_group", record)
+    layer_mb = sum(model.get_submodule(f"model.layers.0.{m}").weight.numel() * 4 for m in MODULES) / 2**20
+    measure(model, method="proxy", max_grad_mb=2.5 * layer_mb)
+    assert [len(group) for group in groups] == [8, 8]
+
+
 def test_measured_damage_is_the_replay_loss_increase_after_tuning_the_unit():
     model, data, replay = tiny_llama(), examples(range(2)), examples(range(5, 6))
     table = measure(model, layers=[1], modules=("mlp.up_proj",), replay_data=replay)

@@ -14,7 +14,7 @@ are the ones its gain counts. Damage on replay data is estimated the same way, t
 -steps * lr * sum r_w * d_w + (steps * lr)^2 / 2 * sum F_w * d_w^2, with r the mean replay gradient and F the
 mean per-example squared replay gradient (an empirical Fisher).
 
-Memory: the proxy holds the gradients of at most `max_grad_mb` MB of weights at once (layers are measured in groups,
+Memory: the proxy holds the gradients of at most `max_grad_mb` MB of weights (in float32) at once (layers in groups,
 top first, each a pass over the batches) and backpropagates `micro_batch_size` rows at a time through the label-only
 loss, so measuring needs no more memory than training the scheme it plans.
 """
@@ -49,6 +49,7 @@ METHODS = ("measured", "proxy")
 GRANULARITIES = ("module", "layer")
 PROXY_OPTIMIZERS = ("adamw", "sgd")
 MB = 2**20
+FLOAT32_BYTES = 4  # the proxy reduces gradients in float32
 
 
 def as_examples(data: Sequence[dict], tokenizer, max_length: int, what: str = "training") -> list[dict]:
@@ -443,11 +444,12 @@ class _Proxy:
 
     def _groups(self, by_layer: dict[int, set[str]], max_grad_mb: float | None) -> list[list[str]]:
         """Module names in groups of whole layers, top layer first, each holding at most `max_grad_mb` MB of
-        weights (a layer that alone is larger forms its own group)."""
+        weights counted in float32 (a layer that alone is larger forms its own group): the gradients are reduced in
+        float32 whatever the weights' dtype, so a bf16 model's group holds as many weights as a float32 one's."""
         groups, current, size = [], [], 0.0
         for layer in sorted(by_layer, reverse=True):
             names = sorted(by_layer[layer])
-            layer_mb = sum(self._weight(n).numel() * self._weight(n).element_size() for n in names) / MB
+            layer_mb = sum(self._weight(n).numel() * FLOAT32_BYTES for n in names) / MB
             if current and max_grad_mb is not None and size + layer_mb > max_grad_mb:
                 groups.append(current)
                 current, size = [], 0.0
