@@ -87,7 +87,8 @@ def measure_schemes(
     of `blocks`, distinct ones only; the table's `settings["scheme_candidates"]` says which kind it holds. Once a
     depth candidate has peaked above its prediction, each later one that would not fit the ceiling with that excess
     added is planned again under the ceiling less the largest excess so far (the process's memory can grow beyond one
-    profiled step: bf16 training on a CPU does, by 170-320 MB on SmolLM2); `settings["schemes_excess_mb"]` records it.
+    profiled step: bf16 training on a CPU did, by 170-320 MB on SmolLM2, before `bound_kernel_caches`);
+    `settings["schemes_excess_mb"]` records it.
 
     Raises:
         ValueError: `count` below 2 or `steps` below 1, no ceiling, data other than the table's (both fingerprints named), a model other
