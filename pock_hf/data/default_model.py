@@ -25,7 +25,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from ..tuner.quantize import keep_standard_layout
+from .bnb_layout import keep_standard_layout
 
 DEFAULT_MODEL: str = "SmolLM2-135M-Instruct"
 
@@ -149,7 +149,7 @@ def load_model_and_tokenizer(
             weights are read (transformers' `BitsAndBytesConfig`, as QLoRA loads): the whole model never exists in
             `dtype`, so the loading peak is the quantized model plus one tensor. NF4 computes in `dtype` with double
             quantization and 64-value blocks, int8 without outlier decomposition, as `PockConfig.quantize_frozen`,
-            and NF4 layers keep the standard layout on every CPU (`tuner.quantize.keep_standard_layout`).
+            and NF4 layers keep the standard layout on every CPU (`data.bnb_layout.keep_standard_layout`).
 
     If the tokenizer has no pad token, its end-of-sequence token is used for padding (labels mask padding anyway).
 

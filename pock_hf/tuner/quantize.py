@@ -21,25 +21,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..data.bnb_layout import keep_standard_layout
+
 NF4_BLOCKSIZE = 64
 
 
 def is_quantized(module: nn.Module) -> bool:
     """Whether `module` is a bitsandbytes 8-bit or 4-bit linear layer."""
     return type(module).__name__ in ("Linear8bitLt", "Linear4bit")
-
-
-def keep_standard_layout(module: nn.Module) -> None:
-    """Turn off bitsandbytes' packed AVX512-BF16 CPU layout for an NF4 layer (see the module docstring), restoring the
-    standard layout first when an earlier inference forward already packed it; a no-op for other layers."""
-    if type(module).__name__ != "Linear4bit":
-        return
-    module.support_avx512bf16_for_cpu = False
-    weight = module.weight
-    if getattr(weight.quant_state, "packing_format_for_cpu", False):
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
 
 
 def frozen_weight(module: nn.Linear) -> torch.Tensor:
