@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 
+from pock_hf.engine.memory import KERNEL_CACHE_VARIABLES
+
 SCHEME = {
     f"model.layers.{layer}.mlp.{m}": 1.0 for layer in range(24, 30) for m in ("gate_proj", "up_proj", "down_proj")
 }
@@ -34,7 +36,7 @@ def run_case(dtype: str, steps: int, vary: bool) -> dict:
 
     from pock_hf import PockConfig
     from pock_hf.data.default_model import load_model_and_tokenizer
-    from pock_hf.engine.memory import KERNEL_CACHE_VARIABLES, current_memory_mb, peak_memory_mb, start_measured_phase
+    from pock_hf.engine.memory import current_memory_mb, peak_memory_mb, start_measured_phase
     from pock_hf.planning.sensitivity import train_scheme
 
     cpu = torch.device("cpu")
@@ -71,8 +73,6 @@ def main() -> None:
     if args.case:
         print(json.dumps(run_case(args.dtype, args.steps, args.case == "varying")))
         return
-    from pock_hf.engine.memory import KERNEL_CACHE_VARIABLES
-
     for case, entries in CASES:
         command = [sys.executable, __file__, "--dtype", args.dtype, "--steps", str(args.steps), "--case", case]
         env = os.environ if entries is None else {**os.environ, **dict.fromkeys(KERNEL_CACHE_VARIABLES, str(entries))}

@@ -187,17 +187,22 @@ def test_proxy_damage_is_the_second_order_estimate_on_replay_data():
     assert table.replay_baseline is not None
 
 
-def test_micro_batches_and_layer_groups_give_the_same_table(monkeypatch):
-    model, replay = tiny_llama(), examples(range(5, 6))
-    whole = measure(model, method="proxy", replay_data=replay)
-    groups = []
-    original = _Proxy._measure_group
+def recorded_groups(monkeypatch) -> list[list[str]]:
+    """The module names of each group the proxy measures from now on, in order (filled as the test measures)."""
+    groups, original = [], _Proxy._measure_group
 
     def record(self, names):
         groups.append(names)
         return original(self, names)
 
     monkeypatch.setattr(_Proxy, "_measure_group", record)
+    return groups
+
+
+def test_micro_batches_and_layer_groups_give_the_same_table(monkeypatch):
+    model, replay = tiny_llama(), examples(range(5, 6))
+    whole = measure(model, method="proxy", replay_data=replay)
+    groups = recorded_groups(monkeypatch)
     layer_mb = sum(model.get_submodule(f"model.layers.0.{m}").weight.numel() * 4 for m in MODULES) / 2**20
     split = measure(model, method="proxy", replay_data=replay, micro_batch_size=1, max_grad_mb=2.5 * layer_mb)
     assert [len(group) for group in groups] == [8, 8]  # two layers of four modules, top first
@@ -213,14 +218,7 @@ def test_micro_batches_and_layer_groups_give_the_same_table(monkeypatch):
 
 def test_a_bf16_model_is_measured_in_groups_of_as_many_weights_as_a_float32_one(monkeypatch):
     # the proxy's gradients and directions are float32 whatever the weights' dtype, so the allowance counts float32
-    model, groups = tiny_llama().to(torch.bfloat16), []
-    original = _Proxy._measure_group
-
-    def record(self, names):
-        groups.append(names)
-        return original(self, names)
-
-    monkeypatch.setattr(_Proxy, "_measure_group", record)
+    model, groups = tiny_llama().to(torch.bfloat16), recorded_groups(monkeypatch)
     layer_mb = sum(model.get_submodule(f"model.layers.0.{m}").weight.numel() * 4 for m in MODULES) / 2**20
     measure(model, method="proxy", max_grad_mb=2.5 * layer_mb)
     assert [len(group) for group in groups] == [8, 8]

@@ -7,7 +7,7 @@ from torch import nn
 
 
 def keep_standard_layout(module: nn.Module) -> None:
-    """Turn off bitsandbytes' packed AVX512-BF16 CPU layout for an NF4 layer (see the module docstring), restoring the
+    """Turn off bitsandbytes' packed AVX512-BF16 CPU layout for an NF4 layer (see `tuner/quantize.py`), restoring the
     standard layout first when an earlier inference forward already packed it; a no-op for other layers."""
     if type(module).__name__ != "Linear4bit":
         return

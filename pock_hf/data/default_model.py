@@ -171,8 +171,9 @@ def load_model_and_tokenizer(
             f"{os.fspath(name_or_path)}: the checkpoint is a pickle holding more than tensors, which is refused "
             "unread (a pickle can run code). Use a safetensors checkpoint."
         ) from None
-    for module in model.modules():  # as `quantize_frozen` keeps them: bitsandbytes' packed CPU layout takes few shapes
-        keep_standard_layout(module)
+    if quantize == "nf4":  # as `quantize_frozen` keeps them: bitsandbytes' packed CPU layout takes few shapes
+        for module in model.modules():
+            keep_standard_layout(module)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     ensure_pad_token(tokenizer)
     if model.generation_config.pad_token_id is None:  # silences generate()'s "setting pad_token_id" warning

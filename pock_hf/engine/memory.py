@@ -33,8 +33,8 @@ PROC_STATUS = Path("/proc/self/status")
 PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
 # oneDNN's primitive cache and ideep's LRU cache of matmul kernels, both read once, at the first oneDNN matmul
 KERNEL_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
-# a step of a Llama needs a few dozen kernels; measured on SmolLM2 in bf16 (AVX512-BF16), 32 entries keep a run of
-# varying lengths at the peak of fixed ones (1,311 against 1,725 MB uncapped) at no cost in step time
+# a step of a Llama needs a few dozen kernels; measured on SmolLM2 in bf16 (AVX512-BF16, benchmarks/memory_growth.py),
+# 32 entries keep a run of varying lengths at 1,374 MB against 1,651 MB uncapped, at no cost in step time
 KERNEL_CACHE_CAPACITY = 32
 
 
@@ -88,14 +88,13 @@ def release_free_memory(device: torch.device) -> None:
         trim(0)
 
 
-def bound_kernel_caches(capacity: int = KERNEL_CACHE_CAPACITY) -> dict[str, str]:
+def bound_kernel_caches(capacity: int = KERNEL_CACHE_CAPACITY) -> None:
     """Cap torch's per-shape matmul kernel caches at `capacity` entries each, unless the environment already sets
-    them (a user's own setting wins), and return the settings in force. It takes effect only before the process's
+    them (a user's own setting wins). It takes effect only before the process's
     first oneDNN matmul, which is why importing pock_hf runs it; with the default 1,024 entries a bf16 run whose
     batches vary in length grows by about 6.5 MB per new length on SmolLM2, past what its profiled step predicts."""
     for name in KERNEL_CACHE_VARIABLES:
         os.environ.setdefault(name, str(capacity))
-    return {name: os.environ[name] for name in KERNEL_CACHE_VARIABLES}
 
 
 def start_measured_phase(device: torch.device) -> bool:
