@@ -135,7 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sens.add_argument("--proxy-optimizer", choices=("adamw", "sgd"), default="adamw", help="the step the proxy models")
     sens.add_argument("--micro-batch", type=positive_int, help="rows per proxy backward (memory; same result)")
-    sens.add_argument("--max-grad-mb", type=positive_float, help="proxy: weight gradients held at once, MB")
+    sens.add_argument(
+        "--max-grad-mb",
+        type=positive_float,
+        help="proxy: weight gradients held at once, MB (default: what --budget-mb leaves beside its activations)",
+    )
     sens.add_argument(
         "--schemes", type=int, default=4, help="whole schemes to train under the ceiling for the gain model (0: none)"
     )
@@ -233,6 +237,7 @@ def run_sensitivity(args: argparse.Namespace) -> None:
         proxy_optimizer=args.proxy_optimizer,
         micro_batch_size=args.micro_batch,
         max_grad_mb=args.max_grad_mb,
+        budget_mb=budget_mb,
         resume_path=partial,
     )
     table.settings["seconds"] = time.perf_counter() - started  # of this run only, when it resumed

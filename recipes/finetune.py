@@ -51,7 +51,7 @@ from pock_hf.data.personal import (
 )
 from pock_hf.demo import evaluate_personal, generate_replies, plot_losses, summary_table
 from pock_hf.engine.compile import compile_decoder_layers
-from pock_hf.engine.memory import current_memory_mb, peak_memory_mb, release_free_memory, reset_peak_memory
+from pock_hf.engine.memory import peak_memory_mb, release_free_memory, reset_peak_memory
 from pock_hf.engine.optim_in_backward import OptimizerInBackward
 from pock_hf.engine.precision import AUTO, Precision, resolve_dtype
 from pock_hf.engine.training import labelled_token_count, make_optimizer, set_learning_rate, training_step
@@ -874,27 +874,13 @@ class FinetuneRecipe:
             seed=self.config.train.seed,
             proxy_optimizer=pock.proxy_optimizer,
             micro_batch_size=pock.measure_micro_batch,
-            max_grad_mb=self.gradient_allowance_mb(),
+            budget_mb=budget_mb(self.config),
             progress=self.is_main,
         )
         if self.is_main:
             table.to_json(self.output / "sensitivity.json")
             table.plot_heatmap(self.output / "sensitivity.png", title=f"{pock.measure} sensitivity")
         return table
-
-    def gradient_allowance_mb(self) -> float | None:
-        """Weight gradients the proxy may hold at once under the memory budget: half of what the process has left
-        (the other half for activations and the allocator's slack); None without a budget."""
-        budget = budget_mb(self.config)
-        if budget is None:
-            return None
-        spare = budget - current_memory_mb(self.accelerator.device)
-        if spare <= 0:
-            raise RecipeConfigError(
-                f"The model alone holds {budget - spare:.0f} MB of process memory, over the {budget:.0f} MB budget: "
-                "raise budget.memory_mb or train on a bigger device."
-            )
-        return spare / 2
 
     # --- train ---------------------------------------------------------------------------------------------------
 

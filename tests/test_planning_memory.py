@@ -35,7 +35,7 @@ for _ in range(16):
 # the process with its model loaded, plus 1.5x the weights for training
 budget = current_memory_mb(cpu) + 1.5 * weights
 bounded = sys.argv[1] == "bounded"
-limits = {"micro_batch_size": 1, "max_grad_mb": 0.2 * weights} if bounded else {}
+limits = {"micro_batch_size": 1, "budget_mb": budget} if bounded else {}
 reset_peak_memory(cpu)
 table = measure_sensitivity(model, None, rows[:12], rows[12:], replay_data=rows[:4], method="proxy", steps=2,
                             batch_size=4, progress=False, **limits)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pock_hf import PockConfig, get_pock_model
+from pock_hf.planning import sensitivity
 from pock_hf.planning.sensitivity import (
     _Proxy,
     evaluate_loss,
@@ -216,11 +217,52 @@ def test_micro_batches_and_layer_groups_give_the_same_table(monkeypatch):
         assert b.damage == pytest.approx(a.damage, rel=1e-3, abs=1e-8)
 
 
-def test_a_bf16_model_is_measured_in_groups_of_as_many_weights_as_a_float32_one(monkeypatch):
-    # the proxy's gradients and directions are float32 whatever the weights' dtype, so the allowance counts float32
+def test_a_bf16_model_holds_its_gradients_in_bf16_so_a_group_holds_twice_the_weights(monkeypatch):
+    # each gradient stays in its weight's dtype and its direction (a sign) takes its memory
     model, groups = tiny_llama().to(torch.bfloat16), recorded_groups(monkeypatch)
+    layer_mb = sum(model.get_submodule(f"model.layers.0.{m}").weight.numel() * 2 for m in MODULES) / 2**20
+    bf16 = measure(model, method="proxy", max_grad_mb=2.5 * layer_mb)
+    assert [len(group) for group in groups] == [8, 8]
+    whole = measure(tiny_llama().to(torch.bfloat16), method="proxy")
+    assert [row.gain for row in bf16.rows] == pytest.approx([row.gain for row in whole.rows], rel=1e-3)
+
+
+def held_memory(monkeypatch, mb: float) -> None:
+    """The process holds `mb` MB now, as the proxy's allowance reads it."""
+    monkeypatch.setattr(sensitivity, "current_memory_mb", lambda device: mb)
+
+
+def test_a_budget_gives_the_proxy_smaller_groups_the_more_the_process_already_holds(monkeypatch):
+    model, groups = tiny_llama(), recorded_groups(monkeypatch)
+    held_memory(monkeypatch, 100.0)
+    roomy = measure(model, method="proxy", budget_mb=150.0)
+    sizes_roomy = [len(group) for group in groups]
+    groups.clear()
+    held_memory(monkeypatch, 149.0)
     layer_mb = sum(model.get_submodule(f"model.layers.0.{m}").weight.numel() * 4 for m in MODULES) / 2**20
-    measure(model, method="proxy", max_grad_mb=2.5 * layer_mb)
+    tight = measure(model, method="proxy", budget_mb=149.0 + 1.5 * layer_mb + working_mb(model))
+    assert sizes_roomy == [16] and [len(group) for group in groups] == [4, 4, 4, 4]  # one layer at a time
+    assert [row.gain for row in tight.rows] == pytest.approx([row.gain for row in roomy.rows], rel=1e-4)
+
+
+def working_mb(model) -> float:
+    """The tiny model's proxy working memory on `measure`'s data, as `proxy_gradient_allowance_mb` estimates it."""
+    data = prepare_measurement_data(None, examples(range(2)), examples(range(2)), batch_size=2, steps=4,
+                                    max_length=256, seed=0)  # fmt: skip
+    held = sensitivity.current_memory_mb(torch.device("cpu"))
+    by_layer = {layer: {f"model.layers.{layer}.{m}" for m in MODULES} for layer in range(4)}
+    allowance = sensitivity.proxy_gradient_allowance_mb(model, data, None, held + 2000.0, by_layer)
+    return 2000.0 - allowance / (1 - sensitivity.ALLOCATOR_SLACK_RATIO)
+
+
+def test_a_budget_the_proxy_cannot_fit_fails_before_any_backward_and_an_explicit_allowance_wins(monkeypatch):
+    model, groups = tiny_llama(), recorded_groups(monkeypatch)
+    held_memory(monkeypatch, 1000.0)
+    with pytest.raises(ValueError, match=r"cannot fit a 999 MB budget: the process holds 1,000 MB.*bigger machine"):
+        measure(model, method="proxy", budget_mb=999.0)
+    assert groups == []
+    layer_mb = sum(model.get_submodule(f"model.layers.0.{m}").weight.numel() * 4 for m in MODULES) / 2**20
+    measure(model, method="proxy", budget_mb=999.0, max_grad_mb=2.5 * layer_mb)
     assert [len(group) for group in groups] == [8, 8]
 
 

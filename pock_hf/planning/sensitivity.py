@@ -36,20 +36,26 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.instructions import InstructionCollator, tokenize_rows
-from ..engine.memory import release_free_memory
+from ..engine.memory import current_memory_mb, release_free_memory
 from ..engine.training import labelled_token_count
 from ..tuner import PockConfig, get_pock_model
 from ..tuner.depth_cut import find_decoder_layers
 from ..tuner.fingerprint import model_fingerprint
 from ..tuner.loss import IGNORE_INDEX, install_label_only_loss, label_only_loss, remove_label_only_loss
 from ..tuner.sparse_backward import channel_count
+from .memory_plan import DTYPE_BYTES, estimate_training_memory
 from .table import LLAMA_LAYER_MODULES, WHOLE_LAYER, SensitivityRow, SensitivityTable
 
 METHODS = ("measured", "proxy")
 GRANULARITIES = ("module", "layer")
 PROXY_OPTIMIZERS = ("adamw", "sgd")
 MB = 2**20
-FLOAT32_BYTES = 4  # the proxy reduces gradients in float32
+FLOAT32_BYTES = 4  # the proxy reduces gradients in float32, a module at a time
+# float32 temporaries of one module the proxy holds at once while it reduces a gradient (|g|, the replay terms)
+REDUCTION_TEMPORARIES = 4
+# of the memory left beside the proxy's estimated working memory, kept free: the allocator's slack and what no estimate
+# counts (on a 110 MB float32 Llama a no-grad forward alone rose 17 MB above the resting process, a tenth of the spare)
+ALLOCATOR_SLACK_RATIO = 0.2
 
 
 def as_examples(data: Sequence[dict], tokenizer, max_length: int, what: str = "training") -> list[dict]:
@@ -214,6 +220,7 @@ def measure_sensitivity(
     proxy_optimizer: str = "adamw",
     micro_batch_size: int | None = None,
     max_grad_mb: float | None = None,
+    budget_mb: float | None = None,
     progress: bool = True,
     resume_path: str | os.PathLike | None = None,
 ) -> SensitivityTable:
@@ -225,7 +232,8 @@ def measure_sensitivity(
     every ratio in `ratios`. Measured mode runs `steps` AdamW steps (learning rate `lr`) per unit; proxy mode uses
     `steps` backward passes per group of layers, estimating the step of `proxy_optimizer` (`"adamw"` or `"sgd"`),
     `micro_batch_size` rows per backward (default: the whole batch; the result is the same), holding at most
-    `max_grad_mb` MB of weight gradients at once (default: every candidate at once). Deterministic given `seed`.
+    `max_grad_mb` MB of weight gradients at once (default: what `budget_mb`, the process's peak memory ceiling in MB,
+    leaves; see `proxy_gradient_allowance_mb`; without either, every candidate at once). Deterministic given `seed`.
     The model is returned to its original state (weights, requires_grad, forward) afterwards.
 
     With `resume_path`, the table measured so far is written there atomically after the baseline and after every
@@ -236,9 +244,9 @@ def measure_sensitivity(
 
     Raises:
         ValueError: unknown method, granularity, proxy optimizer, module path or layer index, ratio outside (0, 1],
-            non-positive steps, batch size, micro-batch size, max length, learning rate or gradient memory, data with
-            nothing to learn from, or a `resume_path` file made with another model, data or settings (the message
-            names what differs).
+            non-positive steps, batch size, micro-batch size, max length, learning rate, gradient memory or budget, a
+            budget that cannot hold the proxy's working memory and one layer's gradients, data with nothing to learn
+            from, or a `resume_path` file made with another model, data or settings (the message names what differs).
     """
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not one of {METHODS}.")
@@ -255,7 +263,7 @@ def measure_sensitivity(
         isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1
     ):
         raise ValueError(f"micro_batch_size must be a positive integer, got {micro_batch_size!r}.")
-    for name, value in (("lr", lr), ("max_grad_mb", max_grad_mb)):
+    for name, value in (("lr", lr), ("max_grad_mb", max_grad_mb), ("budget_mb", budget_mb)):
         if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise ValueError(f"{name} must be a positive number, got {value!r}.")
     layers_name, stack = find_decoder_layers(model)
@@ -320,6 +328,10 @@ def measure_sensitivity(
             table.channel_importance = partial.channel_importance
         else:
             proxy = _Proxy(model, table, data, lr * steps, proxy_optimizer, axis, micro_batch_size, progress)
+            if max_grad_mb is None and budget_mb is not None:
+                max_grad_mb = proxy_gradient_allowance_mb(
+                    model, data, micro_batch_size, budget_mb, candidate_modules(table, trials)
+                )
             proxy.run(trials, max_grad_mb)
             save()
     finally:
@@ -393,6 +405,66 @@ def _measure(model, table, trials, done, data: MeasurementData, lr, axis, seed, 
         save()
 
 
+def candidate_modules(table: SensitivityTable, trials: Sequence[tuple[int, str, float]]) -> dict[int, set[str]]:
+    """Per decoder layer, the module names the `(layer, module, ratio)` trials touch."""
+    by_layer: dict[int, set[str]] = {}
+    for layer, module, _ in trials:
+        by_layer.setdefault(layer, set()).update(table.module_names(layer, module))
+    return by_layer
+
+
+def proxy_gradient_allowance_mb(
+    model: nn.Module,
+    data: MeasurementData,
+    micro_batch_size: int | None,
+    budget_mb: float,
+    by_layer: dict[int, set[str]],
+) -> float:
+    """MB of weight gradients the proxy may hold at once for this process to peak within `budget_mb` MB: the budget
+    less what the process holds now and the proxy's working memory, less a fifth of what then remains for the
+    allocator's slack and what no estimate counts. The working memory is the larger of a training micro-batch
+    (`micro_batch_size` rows, default the batch, at the longest batch's length) and a replay example backpropagated
+    through every decoder layer (their activations and the label-only loss's logits, as
+    `memory_plan.estimate_training_memory` counts them), plus the float32 temporaries of reducing the largest
+    module's gradient. `by_layer` holds the candidate module names per layer: whole layers make the groups.
+
+    Raises:
+        ValueError: the allowance cannot hold the gradients of one layer's modules in `by_layer` (the proxy's
+            smallest group);
+            the message says what the budget, the process and the working memory each take.
+    """
+    layers_name, _ = find_decoder_layers(model)
+    dtype = str(getattr(model, "dtype", torch.float32)).removeprefix("torch.")
+
+    def activations_mb(rows: int, tokens: int) -> float:
+        estimate = estimate_training_memory(
+            model, layers_name=layers_name, cut_layer=0, batch_size=rows, seq_len=tokens,
+            dtype=dtype if dtype in DTYPE_BYTES else "float32",
+        )  # fmt: skip
+        return estimate.activations_mb + estimate.logits_mb
+
+    longest = max(batch["input_ids"].shape[1] for batch in data.train_batches)
+    batch_rows = data.train_batches[0]["input_ids"].shape[0]
+    rows = min(micro_batch_size or batch_rows, batch_rows)
+    working = activations_mb(rows, longest)
+    if data.replay_batches:
+        working = max(working, activations_mb(1, max(batch["input_ids"].shape[1] for batch in data.replay_batches)))
+    linears = [[model.get_submodule(name).weight for name in names] for names in by_layer.values()]
+    largest = max(w.numel() for weights in linears for w in weights)
+    working += REDUCTION_TEMPORARIES * largest * FLOAT32_BYTES / MB
+    held = current_memory_mb(next(model.parameters()).device)
+    allowance = (budget_mb - held - working) * (1 - ALLOCATOR_SLACK_RATIO)
+    layer_mb = max(sum(w.numel() * w.element_size() for w in weights) for weights in linears) / MB
+    if allowance < layer_mb:
+        raise ValueError(
+            f"Measuring sensitivity (proxy) cannot fit a {budget_mb:,.0f} MB budget: the process holds {held:,.0f} "
+            f"MB, backpropagating a {rows}-row micro-batch of {longest} tokens needs about {working:,.0f} MB more, "
+            f"and one layer's gradients {layer_mb:,.1f} MB. Raise the budget, lower the micro-batch or max length, or "
+            "measure the table on a bigger machine (`pock sensitivity` writes it to a file) and plan with it here."
+        )
+    return allowance
+
+
 class _Proxy:
     """First-order gains (and second-order damage) of every unit from backward passes, a group of layers at a time.
 
@@ -413,9 +485,7 @@ class _Proxy:
         self.curvature: dict[str, torch.Tensor] = {}
 
     def run(self, trials, max_grad_mb: float | None) -> None:
-        by_layer: dict[int, set[str]] = {}
-        for layer, module, _ in trials:
-            by_layer.setdefault(layer, set()).update(self.table.module_names(layer, module))
+        by_layer = candidate_modules(self.table, trials)
         for p in self.model.parameters():
             p.requires_grad_(False)
         was_training = self.model.training
@@ -444,12 +514,12 @@ class _Proxy:
 
     def _groups(self, by_layer: dict[int, set[str]], max_grad_mb: float | None) -> list[list[str]]:
         """Module names in groups of whole layers, top layer first, each holding at most `max_grad_mb` MB of
-        weights counted in float32 (a layer that alone is larger forms its own group): the gradients are reduced in
-        float32 whatever the weights' dtype, so a bf16 model's group holds as many weights as a float32 one's."""
+        gradients (a layer that alone is larger forms its own group). A gradient is held in its weight's dtype and
+        its direction takes its place, so a bf16 model's group holds twice the weights of a float32 one's."""
         groups, current, size = [], [], 0.0
         for layer in sorted(by_layer, reverse=True):
             names = sorted(by_layer[layer])
-            layer_mb = sum(self._weight(n).numel() * FLOAT32_BYTES for n in names) / MB
+            layer_mb = sum(self._weight(n).numel() * self._weight(n).element_size() for n in names) / MB
             if current and max_grad_mb is not None and size + layer_mb > max_grad_mb:
                 groups.append(current)
                 current, size = [], 0.0
@@ -480,11 +550,13 @@ class _Proxy:
                     (loss / len(batches)).backward()
             directions = {}
             for name, weight in weights.items():
-                gradient = weight.grad.float()
-                weight.grad = None
-                direction = gradient.sign() if self.optimizer == "adamw" else gradient
-                self.table.channel_importance[name] = (gradient * direction).sum(dim=self.reduce_dim).tolist()
-                directions[name] = direction
+                gradient, weight.grad = weight.grad, None
+                # g * d per weight: |g| for AdamW's sign step, g^2 for SGD's, reduced in float32
+                product = gradient.float().abs() if self.optimizer == "adamw" else gradient.float().square()
+                self.table.channel_importance[name] = product.sum(dim=self.reduce_dim).tolist()
+                # the direction takes the gradient's own memory (a sign is exact in any dtype): a fresh tensor per
+                # module would leave the freed gradients as holes the allocator keeps, up to twice the group resident
+                directions[name] = gradient.sign_() if self.optimizer == "adamw" else gradient
             if self.data.replay_batches:
                 self._replay(weights, directions)
         finally:
@@ -508,7 +580,7 @@ class _Proxy:
         for name, weight in weights.items():
 
             def reduce(parameter, name=name):
-                gradient, direction = parameter.grad.float(), directions[name]
+                gradient, direction = parameter.grad.float(), directions[name].float()
                 cross[name] += (gradient * direction).sum(dim=self.reduce_dim) / len(micro_batches)
                 curvature[name] += (gradient.square() * direction.square()).sum(dim=self.reduce_dim) / len(
                     micro_batches
