@@ -30,7 +30,7 @@ import numpy as np
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..engine.memory import peak_memory_mb, start_measured_phase
+from ..engine.memory import peak_memory_mb, release_free_memory, start_measured_phase
 from ..tuner.depth_cut import checkpointing_restored
 from .costs import CostProfile
 from .gain_model import SchemeMeasurement
@@ -176,6 +176,7 @@ def measure_schemes(
                     step_s=step_s,
                 )
             )
+    release_free_memory(device)  # the last candidate's freed memory does not stand under what the caller does next
     settings = {
         **table.settings,
         "scheme_candidates": "budgets" if depths is None else "depths",
