@@ -430,8 +430,7 @@ def proxy_gradient_allowance_mb(
 
     Raises:
         ValueError: the allowance cannot hold the gradients of one layer's modules in `by_layer` (the proxy's
-            smallest group);
-            the message says what the budget, the process and the working memory each take.
+            smallest group); the message says what the budget, the process and the working memory each take.
     """
     layers_name, _ = find_decoder_layers(model)
     dtype = str(getattr(model, "dtype", torch.float32)).removeprefix("torch.")
