@@ -27,6 +27,8 @@ from pathlib import Path, PurePath
 
 import yaml
 
+from .planning.calibration import parse_block
+
 METHODS = ("pock", "lora", "full")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -88,9 +90,9 @@ class PockSection:
     the additive score), each for `measure_scheme_steps` steps (default: `train.steps` up to 60: what the run will train),
     `proxy_optimizer` the optimizer the proxy estimates. `measure_depths` (fractions of the layers backward may reach,
     e.g. [0.2, 0.4, 0.6]) makes the measured schemes span depth instead: the table's best scheme under the ceiling at
-    each depth for each of `measure_blocks` ("all", "mlp", "self_attn"), and the plan the cheapest of them within noise
-    of the best measured (`measure_schemes` then does not count). `profile_depths` is how many cut depths
-    the cost profile times (the rest interpolated). `spend` is `gain` (stop where predicted gain - `damage_weight` x
+    each depth for each of `measure_blocks` ("all", "mlp", "self_attn"; "mlp:0.25": its units at that ratio only),
+    and the plan the cheapest of them within noise of the best measured (`measure_schemes` then does not count).
+    `profile_depths` is how many cut depths the cost profile times (the rest interpolated). `spend` is `gain` (stop where predicted gain - `damage_weight` x
     damage stops growing) or `budget` (spend the ceiling). The rest are `PockConfig` options."""
 
     scheme: str | None = None
@@ -326,6 +328,15 @@ def _choice(value, choices, key: str, source: str) -> None:
         raise RecipeConfigError(f"{source}: {key} is {value!r}; valid values: {', '.join(map(str, choices))}{hint}")
 
 
+def _is_block_spec(spec, blocks: list[str], ratios: list[float]) -> bool:
+    """`spec` names one of `blocks`, optionally with ":<ratio>" of `ratios` (see `calibration.parse_block`)."""
+    try:
+        name, ratio = parse_block(spec) if isinstance(spec, str) else (None, None)
+    except ValueError:
+        return False
+    return name in blocks and (ratio is None or ratio in ratios)
+
+
 def _positive(value, key: str, source: str, allow_zero: bool = False) -> None:
     if value is not None and (value < 0 or (value == 0 and not allow_zero)):
         raise RecipeConfigError(f"{source}: {key} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
@@ -425,10 +436,12 @@ def validate(config: RecipeConfig, source: str = "config") -> None:
         if pock.measure_depths is not None and not pock.measure_depths:
             raise RecipeConfigError(f"{source}: pock.measure_depths is empty; leave it unset or give depths")
         blocks = ["all", *sorted({module.split(".")[0] for module in pock.modules})]
-        if not pock.measure_blocks or any(block not in blocks for block in pock.measure_blocks):
+        if not pock.measure_blocks or any(
+            not _is_block_spec(block, blocks, pock.measure_ratios) for block in pock.measure_blocks
+        ):
             raise RecipeConfigError(
-                f"{source}: pock.measure_blocks must list blocks of pock.modules, from {blocks}; got "
-                f"{pock.measure_blocks}"
+                f"{source}: pock.measure_blocks must list blocks of pock.modules, from {blocks}, each optionally "
+                f"':<ratio>' with a ratio of pock.measure_ratios {pock.measure_ratios}; got {pock.measure_blocks}"
             )
         _positive(pock.damage_weight, "pock.damage_weight", source, allow_zero=True)
         if pock.measure_schemes == 1 or pock.measure_schemes < 0:

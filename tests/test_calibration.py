@@ -136,8 +136,24 @@ def test_depth_candidates_reach_their_depth_and_train_their_block_only(setup):
         assert same.units == plan.units
     with pytest.raises(ValueError, match=r"Unknown block 'attn'; valid: \['all', 'mlp', 'self_attn'\]"):
         depth_plans(table, costs, [0.5], ["attn"], budget_mb=ceiling)
+    with pytest.raises(ValueError, match=r"Block 'mlp:0.3': the table measured the ratios \[0.5, 1.0\] only"):
+        depth_plans(table, costs, [0.5], ["mlp:0.3"], budget_mb=ceiling)
     with pytest.raises(ValueError, match="in \\(0, 1\\]; got 1.5"):
         depth_plans(table, costs, [1.5], budget_mb=ceiling)
+
+
+def test_a_block_with_a_ratio_keeps_the_block_units_at_that_ratio_only(setup):
+    from pock_hf.planning.calibration import depth_plans
+
+    _, table, costs, _ = setup
+    ceiling = costs.base_memory_mb(0) + 0.5
+    ratio = min(row.ratio for row in table.rows)
+    [(label, plan)] = depth_plans(table, costs, [0.5], [f"mlp:{ratio}"], budget_mb=ceiling)
+    assert label == f"mlp at {ratio:.0%}, layers 2-3"
+    assert plan.units and all(module.startswith("mlp.") and r == ratio for _, module, r in plan.units)
+    rows = [r for r in table.rows if r.layer >= 2 and r.module.startswith("mlp.") and r.ratio == ratio]
+    same = make_plan(dataclasses.replace(table, rows=rows, schemes=[]), costs, budget_mb=ceiling, spend="budget")
+    assert same.units == plan.units
 
 
 def test_candidates_after_one_that_peaked_over_its_prediction_are_planned_under_the_lowered_ceiling(

@@ -110,6 +110,8 @@ def test_missing_data_file_names_the_key_and_file(tmp_path):
             "pock.measure_blocks=[attn]",
             r"pock\.measure_blocks must list blocks of pock\.modules, from \['all', 'mlp', 'self_attn'\]",
         ),
+        ("pock.measure_blocks=[all,'mlp:0.3']", r"with a ratio of pock\.measure_ratios \[0\.25, 1\.0\]; got"),
+        ("pock.measure_blocks=['mlp:x']", r"pock\.measure_blocks must list blocks"),
     ],
 )
 def test_bad_values_fail_naming_the_key(tmp_path, override, message):

@@ -53,6 +53,23 @@ def block_of(module: str) -> str:
     return module.split(".")[0]
 
 
+def parse_block(spec: str) -> tuple[str, float | None]:
+    """A depth candidate's block and ratio: ("mlp", 0.25) from "mlp:0.25" (the block's units at that measured ratio
+    only: every unit a few channels wide, the spread-out update that damages least), ("mlp", None) from "mlp" (any
+    measured ratio).
+
+    Raises:
+        ValueError: the part after ":" is not a number.
+    """
+    name, _, ratio = spec.partition(":")
+    if not ratio:
+        return name, None
+    try:
+        return name, float(ratio)
+    except ValueError:
+        raise ValueError(f"Block {spec!r}: the part after ':' must be a measured ratio, e.g. 'mlp:0.25'.") from None
+
+
 def measure_schemes(
     model: nn.Module,
     tokenizer,
@@ -211,9 +228,13 @@ def depth_plans(
 def _checked_depth_candidates(table, costs, depths, blocks, budget_mb, budget_time_ratio, axis) -> list:
     """`_depth_candidates` as a list, after checking depths and blocks (the errors of `depth_plans`)."""
     known = sorted({block_of(module) for module in table.layer_modules})
+    ratios = sorted({row.ratio for row in table.rows})
     for block in blocks:
-        if block != ALL_BLOCKS and block not in known:
-            raise ValueError(f"Unknown block {block!r}; valid: {[ALL_BLOCKS, *known]}.")
+        name, ratio = parse_block(block)
+        if name != ALL_BLOCKS and name not in known:
+            raise ValueError(f"Unknown block {block!r}; valid: {[ALL_BLOCKS, *known]}, each optionally ':<ratio>'.")
+        if ratio is not None and ratio not in ratios:
+            raise ValueError(f"Block {block!r}: the table measured the ratios {ratios} only.")
     for depth in depths:
         if isinstance(depth, bool) or not 0 < depth <= 1:
             raise ValueError(f"A depth is the fraction of layers backward may reach, in (0, 1]; got {depth!r}.")
@@ -231,10 +252,13 @@ def _depth_candidates(table, costs, depths, blocks, budget_mb, budget_time_ratio
     for depth in sorted(depths):
         floor = num_layers - max(1, round(depth * num_layers))
         for block in blocks:
+            name, ratio = parse_block(block)
             rows = [
                 row
                 for row in bare.rows
-                if row.layer >= floor and (block == ALL_BLOCKS or block_of(row.module) == block)
+                if row.layer >= floor
+                and (name == ALL_BLOCKS or block_of(row.module) == name)
+                and (ratio is None or row.ratio == ratio)
             ]
             if not rows:
                 continue
@@ -252,7 +276,8 @@ def _depth_candidates(table, costs, depths, blocks, budget_mb, budget_time_ratio
             key = tuple(sorted(plan.units))
             if key not in seen:
                 seen.add(key)
-                yield depth, block, f"{block}, layers {floor}-{num_layers - 1}", plan
+                at = "" if ratio is None else f" at {ratio:.0%}"
+                yield depth, block, f"{name}{at}, layers {floor}-{num_layers - 1}", plan
 
 
 def _additive_plans(table, costs, budget_mb, budget_time_ratio, count, axis) -> list:
