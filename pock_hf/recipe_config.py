@@ -92,8 +92,9 @@ class PockSection:
     e.g. [0.2, 0.4, 0.6]) makes the measured schemes span depth instead: the table's best scheme under the ceiling at
     each depth for each of `measure_blocks` ("all", "mlp", "self_attn"; "mlp:0.25": its units at that ratio only),
     and the plan the cheapest of them within noise of the best measured (`measure_schemes` then does not count).
-    `profile_depths` is how many cut depths the cost profile times (the rest interpolated). `spend` is `gain` (stop where predicted gain - `damage_weight` x
-    damage stops growing) or `budget` (spend the ceiling). The rest are `PockConfig` options."""
+    `profile_depths` is how many cut depths the cost profile times (the rest interpolated). `spend` is `gain` (stop
+    where predicted gain - `damage_weight` x damage stops growing) or `budget` (spend the ceiling). The rest are
+    `PockConfig` options."""
 
     scheme: str | None = None
     layers: str | None = None
