@@ -149,7 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="measured schemes span depth instead: the table's best under the ceiling reaching the upper fractions "
         "of the layers, e.g. 0.2,0.4,0.6 (`pock plan` then picks among them)",
     )
-    sens.add_argument("--blocks", default="all", help="with --depths: all and/or blocks of a layer, e.g. all,mlp")
+    sens.add_argument(
+        "--blocks",
+        default="all",
+        help="with --depths: all and/or blocks of a layer, e.g. all,mlp,mlp:0.25 (one ratio)",
+    )
     sens.add_argument(
         "--gradient-checkpointing",
         action="store_true",
