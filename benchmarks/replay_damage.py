@@ -20,7 +20,7 @@ from peft import PeftModel
 from pock_hf.data.default_model import load_model_and_tokenizer
 from pock_hf.data.instructions import InstructionCollator, tokenize_rows
 from pock_hf.data.personal import PROBE_PROMPTS, replay_rows
-from pock_hf.demo import generate_replies
+from pock_hf.engine.generation import generate_replies
 from pock_hf.engine.precision import AUTO, resolve_dtype
 from pock_hf.io.files import atomic_write_text
 from pock_hf.planning.sensitivity import evaluate_loss

@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     from pock_hf.data.default_model import load_model_and_tokenizer
     from pock_hf.data.instructions import InstructionCollator, tokenize_rows
     from pock_hf.data.personal import REPLAY_PROMPTS, make_personal_dataset, replay_rows
-    from pock_hf.demo import evaluate_personal, generate_replies
+    from pock_hf.demo import evaluate_personal
+    from pock_hf.engine.generation import generate_replies
     from pock_hf.planning.sensitivity import evaluate_loss, fixed_batches, train_scheme
     from pock_hf.tuner import PockConfig
 

@@ -54,7 +54,7 @@ def data_set(name: str, args, model, tokenizer) -> tuple[list[dict], list[dict],
     """(training, validation, replay) rows of a named set."""
     from pock_hf.data import load_instruction_rows, make_personal_dataset
     from pock_hf.data.personal import PROBE_PROMPTS, replay_rows
-    from pock_hf.demo import generate_replies
+    from pock_hf.engine.generation import generate_replies
 
     replay = replay_rows(generate_replies(model, tokenizer, list(PROBE_PROMPTS)), PROBE_PROMPTS)
     kind, _, profile = name.partition(":")

@@ -326,7 +326,7 @@ def load_replay_rows(source: str, model, tokenizer) -> list[dict] | None:
     rows of a JSON/JSONL file."""
     from .data.instructions import load_instruction_rows
     from .data.personal import PROBE_PROMPTS, replay_rows
-    from .demo import generate_replies
+    from .engine.generation import generate_replies
 
     if source == "none":
         return None

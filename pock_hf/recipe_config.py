@@ -86,12 +86,13 @@ class PockSection:
     `budget` with the cost profile `costs`, profiled here when absent), or `measure` (`proxy` or `measured`: measure a
     table on the training data first, then plan). `measure_*` tune that measurement: `measure_micro_batch` rows per
     proxy backward (memory; same result), `measure_replay` the base model's replies to everyday probe prompts as
-    replay data (each unit's damage), `measure_schemes` how many whole schemes to train for the gain model (0: plan on
+    replay data (each unit's damage, and each measured scheme's reply agreement with them), `measure_schemes` how many whole schemes to train for the gain model (0: plan on
     the additive score), each for `measure_scheme_steps` steps (default: `train.steps` up to 60: what the run will train),
     `proxy_optimizer` the optimizer the proxy estimates. `measure_depths` (fractions of the layers backward may reach,
     e.g. [0.2, 0.4, 0.6]) makes the measured schemes span depth instead: the table's best scheme under the ceiling at
     each depth for each of `measure_blocks` ("all", "mlp", "self_attn"; "mlp:0.25": its units at that ratio only),
-    and the plan the cheapest of them within noise of the best measured (`measure_schemes` then does not count).
+    and the plan the cheapest of them within noise of the best measured, of those that keep the base model's replies
+    as well as any of them (`measure_schemes` then does not count).
     `profile_depths` is how many cut depths the cost profile times (the rest interpolated). `spend` is `gain` (stop
     where predicted gain - `damage_weight` x damage stops growing) or `budget` (spend the ceiling). The rest are
     `PockConfig` options."""

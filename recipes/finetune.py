@@ -49,14 +49,16 @@ from pock_hf.data.personal import (
     replay_rows,
     write_personal_dataset,
 )
-from pock_hf.demo import evaluate_personal, generate_replies, plot_losses, summary_table
+from pock_hf.demo import evaluate_personal, plot_losses, summary_table
 from pock_hf.engine.compile import compile_decoder_layers
+from pock_hf.engine.generation import generate_replies
 from pock_hf.engine.memory import peak_memory_mb, release_free_memory, reset_peak_memory
 from pock_hf.engine.optim_in_backward import OptimizerInBackward
 from pock_hf.engine.precision import AUTO, Precision, resolve_dtype
 from pock_hf.engine.training import labelled_token_count, make_optimizer, set_learning_rate, training_step
 from pock_hf.io.checkpoint import latest_checkpoint, load_checkpoint, restore_trainable, save_checkpoint, set_rng_state
 from pock_hf.io.files import atomic_write_text, read_json_object
+from pock_hf.planning.agreement import ReplyAgreement
 from pock_hf.planning.calibration import measure_schemes
 from pock_hf.planning.costs import DEVICE_BUDGETS_MB, CostProfile
 from pock_hf.planning.memory_plan import MemoryEstimate, estimate_training_memory, loading_peak_mb, meta_llama
@@ -616,6 +618,8 @@ class FinetuneRecipe:
         self.eval_markdown = ""
         # (training, validation, replay) examples of the sensitivity measurement, for the measured schemes
         self.measurement_rows: tuple[list, list, list | None] | None = None
+        # what a measured candidate keeps of the base model's replies to the probe prompts (with replay data only)
+        self.agreement: ReplyAgreement | None = None
 
     def log(self, message: str) -> None:
         if self.is_main:
@@ -764,6 +768,7 @@ class FinetuneRecipe:
                 gradient_checkpointing=pock.gradient_checkpointing,
                 depths=pock.measure_depths,
                 blocks=pock.measure_blocks,
+                agreement=self.agreement,
                 progress=self.is_main,
             )
             self.record_memory("measured schemes")
@@ -852,6 +857,8 @@ class FinetuneRecipe:
             self.log(f"Asking the base model {len(PROBE_PROMPTS)} everyday probe prompts (replay data for damage) ...")
             replies = generate_replies(self.model, self.tokenizer, list(PROBE_PROMPTS))
             replay = self.tokenize(replay_rows(replies, PROBE_PROMPTS), "replay")
+            # the measured candidates' own replies are compared with these (what they keep of the base model)
+            self.agreement = ReplyAgreement(self.tokenizer, PROBE_PROMPTS, tuple(replies))
         # validation: the last task rows (never the self-replay rows, whose loss tuning should not lower); training:
         # the rest, self-replay included, as the training itself sees them
         self.measurement_rows = (

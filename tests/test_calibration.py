@@ -75,6 +75,27 @@ def test_schemes_grow_within_the_ceiling_and_their_gains_are_real(setup):
     assert plan.gain_model is not None and plan.gain_model.points == len(schemes)
 
 
+def test_each_candidate_is_scored_for_agreement_as_trained_and_the_scores_are_kept_in_the_table(setup, tmp_path):
+    model, table, costs, (train, evaluation, replay) = setup
+    trained = []
+
+    def agreement(wrapped) -> tuple[float, float]:
+        deltas = [p for p in wrapped.parameters() if p.requires_grad]
+        trained.append(bool(deltas) and all(p.abs().sum() > 0 for p in deltas))  # after training, before unloading
+        return len(trained) / 10, 0.01
+
+    ceiling = costs.base_memory_mb(0) + 0.5
+    calibrated = measure_schemes(
+        model, None, table, costs, train, evaluation, replay, budget_mb=ceiling, count=3, agreement=agreement
+    )
+    assert trained and all(trained)
+    assert [s.agreement for s in calibrated.schemes] == [(i + 1) / 10 for i in range(len(trained))]
+    assert all(s.agreement_se == 0.01 for s in calibrated.schemes)
+    assert not any(p.requires_grad for p in model.parameters())  # every candidate was unloaded
+    path = calibrated.to_json(tmp_path / "table.json")
+    assert type(calibrated).from_json(path).schemes == calibrated.schemes
+
+
 def test_paired_standard_error_is_that_of_the_per_token_mean():
     before = np.array([10.0, 20.0, 30.0, 40.0])
     after = np.array([9.0, 18.0, 29.0, 36.0])

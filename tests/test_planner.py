@@ -550,3 +550,39 @@ def test_cheapest_is_judged_at_the_memory_noise_of_the_measured_peaks():
     noisy = [dataclasses.replace(c, peak_memory_mb=predicted[c.label] + shifts[c.label]) for c in candidates]
     plan = make_plan(dataclasses.replace(table, schemes=noisy), costs, budget_mb=ceiling)
     assert plan.units == sorted(better) and "memory noise (7.07 MB)" in plan.stop_reason
+
+
+def test_of_the_candidates_that_gain_alike_the_one_in_reply_agreement_with_the_base_model_is_chosen():
+    """Reply agreement guards the choice among candidates within noise of the best gain - damage: the cheapest of
+    them changed the base model's replies beyond noise, so the one that kept them is chosen; a candidate that keeps
+    everything but gains little is never in the running, and with damage ignored (or agreement unmeasured) the
+    cheapest within noise wins as before."""
+    table, costs = uniform_instance()
+    cheap = [(3, module, 1.0) for module in MODULES]
+    kept = [(layer, MODULES[0], 1.0) for layer in (1, 2, 3)]
+    idle = [(2, MODULES[1], 1.0)]
+    agreements = {"all, layers 3-3": (0.40, 0.05), "a, layers 1-3": (0.80, 0.05), "b, layers 2-2": (1.0, 0.0)}
+    candidates = depth_candidates(
+        table,
+        [("all, layers 3-3", cheap, 0.80, 0.0), ("a, layers 1-3", kept, 0.81, 0.0), ("b, layers 2-2", idle, 0.1, 0.0)],
+    )
+    table.settings["scheme_candidates"] = "depths"
+    ceiling = costs.base_memory_mb(0) + 12.5
+    assert costs.scheme_cost(cheap)[0] < costs.scheme_cost(kept)[0] <= ceiling
+    table.schemes = candidates
+    assert sorted(make_plan(table, costs, budget_mb=ceiling).units) == sorted(cheap)  # unmeasured: the cheapest
+    table.schemes = [dataclasses.replace(c, agreement=a, agreement_se=se) for c, (a, se) in
+                     zip(candidates, agreements.values())]  # fmt: skip
+    plan = make_plan(table, costs, budget_mb=ceiling)
+    assert sorted(plan.units) == sorted(kept)
+    assert "reply agreement with the base model is within noise of the best among those (0.80 +- 0.05" in (
+        plan.stop_reason
+    )
+    assert [rung.measured_agreement for rung in plan.ladder] == [1.0, 0.40, 0.80]  # cheapest first
+    assert "| reply agreement |" in plan_report(plan, costs) and " 0.40 |" in plan_report(plan, costs)
+    assert sorted(make_plan(table, costs, budget_mb=ceiling, damage_weight=0.0).units) == sorted(cheap)
+    # within the noise of the most agreeing one, the cheaper candidate is kept, and chosen
+    close = [dataclasses.replace(c, agreement=0.77) if c.label == "all, layers 3-3" else c for c in table.schemes]
+    assert sorted(make_plan(dataclasses.replace(table, schemes=close), costs, budget_mb=ceiling).units) == sorted(
+        cheap
+    )

@@ -202,6 +202,9 @@ def test_planned_among_measured_depths_with_checkpointing(run, tiny_model, tmp_p
     assert json.loads((output / "costs.json").read_text())["settings"]["gradient_checkpointing"] is True
     assert "Measured gain" in (output / "plan.md").read_text()
     assert all(scheme["peak_memory_mb"] > 0 for scheme in table["schemes"])  # each candidate's own measured peak
+    # and what each kept of the base model's replies to the probe prompts, which the plan's report lists
+    assert all(0.0 <= scheme["agreement"] <= 1.0 for scheme in table["schemes"])
+    assert "| reply agreement |" in (output / "plan.md").read_text()
 
 
 def test_cost_profile_measures_the_heaviest_micro_batch_of_the_run(recipe, tiny_model, tmp_path):

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from torch import nn
@@ -88,6 +88,7 @@ def measure_schemes(
     gradient_checkpointing: bool = False,
     depths: Sequence[float] | None = None,
     blocks: Sequence[str] = (ALL_BLOCKS,),
+    agreement: Callable[[nn.Module], tuple[float, float]] | None = None,
     progress: bool = True,
 ) -> SensitivityTable:
     """A copy of `table` with `count` measured schemes (replacing any it had), for the gain model.
@@ -105,7 +106,8 @@ def measure_schemes(
     depth candidate has peaked above its prediction, each later one that would not fit the ceiling with that excess
     added is planned again under the ceiling less the largest excess so far (the process's memory can grow beyond one
     profiled step: bf16 training on a CPU did, by 170-320 MB on SmolLM2, before `bound_kernel_caches`);
-    `settings["schemes_excess_mb"]` records it.
+    `settings["schemes_excess_mb"]` records it. `agreement` (e.g. a `planning.agreement.ReplyAgreement`) scores
+    each trained candidate's kept behaviour (a share in 0..1 and its standard error), which the planner guards on.
 
     Raises:
         ValueError: `count` below 2 or `steps` below 1, no ceiling, data other than the table's (both fingerprints named), a model other
@@ -176,6 +178,7 @@ def measure_schemes(
                     after = example_losses(wrapped, data.replay_batches)[0]
                     improvement, damage_se = paired_difference(replay_before, after, replay_counts)
                     damage = -improvement
+                kept, kept_se = agreement(wrapped) if agreement is not None else (None, None)
             finally:
                 wrapped.unload()
             measurements.append(
@@ -191,6 +194,8 @@ def measure_schemes(
                     label=label,
                     peak_memory_mb=peak_mb,
                     step_s=step_s,
+                    agreement=kept,
+                    agreement_se=kept_se,
                 )
             )
     release_free_memory(device)  # the last candidate's freed memory does not stand under what the caller does next

@@ -43,7 +43,9 @@ class SchemeMeasurement:
     `step_se` the standard error of its gain minus the previous (cheaper) measured scheme's, paired over the same
     examples (None for the first); `label` what the scheme is (for depth-spanning candidates, e.g. "mlp, layers
     18-29"; empty for budget-spanning ones); `peak_memory_mb` the process's measured peak (MB) while it trained,
-    the check on `memory_mb`, and `step_s` its measured seconds per training step (None where not measured)."""
+    the check on `memory_mb`, and `step_s` its measured seconds per training step (None where not measured);
+    `agreement` the share (0..1) of the base model's behaviour it kept, with `agreement_se` (see
+    `planning.agreement`; None where not measured)."""
 
     units: list[tuple[int, str, float]]
     gain: float
@@ -56,6 +58,8 @@ class SchemeMeasurement:
     label: str = ""
     peak_memory_mb: float | None = None
     step_s: float | None = None
+    agreement: float | None = None
+    agreement_se: float | None = None
 
 
 @dataclass(frozen=True)

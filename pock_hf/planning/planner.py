@@ -25,7 +25,9 @@ loss increase on replay data. The planner then:
 
 A table whose measured schemes span depth rather than budget (`planning.calibration`, `depths`) is planned on what
 they measured instead: the plan is the cheapest measured scheme under the ceiling whose measured gain - damage is
-within noise of the best one (`spend="budget"`: the best one), and the report lists every candidate.
+within noise of the best one and, where the candidates' reply agreement was measured (`planning.agreement`), whose
+agreement is within noise of the best among those (`spend="budget"`: the best gain - damage), and the report lists
+every candidate.
 
 Typical use:
 
@@ -76,7 +78,8 @@ SOLVER_TIME_LIMIT_S = 60.0
 @dataclass
 class LadderRung:
     """One budget on the way to the ceiling: the best scheme there, its cost (MB, s), additive score and predicted
-    gain and damage (metric units)."""
+    gain and damage (metric units); for a measured candidate, its measured peak (MB), step (s) and reply agreement
+    (0..1, `planning.agreement`)."""
 
     memory_mb: float
     step_s: float
@@ -88,6 +91,7 @@ class LadderRung:
     label: str = ""
     measured_peak_mb: float | None = None
     measured_step_s: float | None = None
+    measured_agreement: float | None = None
 
 
 @dataclass
@@ -365,7 +369,7 @@ def plan_report(plan: Plan, costs: CostProfile) -> str:
         "",
     ]
     what = "measured" if measured else "predicted"
-    extra = " measured peak (MB) | measured step (s) |" if measured else ""
+    extra = " measured peak (MB) | measured step (s) | reply agreement |" if measured else ""
     lines += [
         f"| memory (MB) | step (s) | units | cut | additive score | {what} gain | {what} damage |{extra} |",
         "|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * extra.count("|") + "---|",
@@ -375,6 +379,7 @@ def plan_report(plan: Plan, costs: CostProfile) -> str:
         mark = ", ".join(part for part in (rung.label, "chosen" if chosen else "") if part)
         costs_measured = (
             f" {_or_dash(rung.measured_peak_mb, '.1f')} | {_or_dash(rung.measured_step_s, '.3g')} |"
+            f" {_or_dash(rung.measured_agreement, '.2f')} |"
             if measured
             else ""
         )
@@ -442,20 +447,23 @@ def _measured_plan(
         chosen, reason = best, "spend='budget': the best measured candidate under the ceiling"
     else:
         within = [candidate for candidate in candidates if candidate[2] >= best[2] - noise]
-        memory_noise = statistics.stdev(misses) if len(misses) >= 2 else 0.0
-        as_cheap = [candidate for candidate in within if candidate[0] <= within[0][0] + memory_noise]
-        chosen = max(as_cheap, key=lambda candidate: (candidate[2], -candidate[0]))
         reason = (
             f"cheapest measured candidate within noise ({noise:.3g}) of the best measured gain - damage "
             f"({best[2]:.4g}: {best[4].label})"
         )
+        if damage_weight:
+            within, kept = _most_agreeing(within)
+            reason += kept
+        memory_noise = statistics.stdev(misses) if len(misses) >= 2 else 0.0
+        as_cheap = [candidate for candidate in within if candidate[0] <= within[0][0] + memory_noise]
+        chosen = max(as_cheap, key=lambda candidate: (candidate[2], -candidate[0]))
         if memory_noise:
             reason += f", the best of those within the memory noise ({memory_noise:.3g} MB) of the cheapest"
     memory, step, _, units, measurement = chosen
     ladder = [
         LadderRung(
             mb, s, len(u), u[0][0], math.fsum(rows[unit].gain for unit in u), m.gain, m.damage or 0.0, m.label,
-            m.peak_memory_mb, m.step_s,
+            m.peak_memory_mb, m.step_s, m.agreement,
         )
         for mb, s, _, u, m in candidates
     ]  # fmt: skip
@@ -487,6 +495,22 @@ def _measured_plan(
         axis=axis,
         device=costs.device,
         selection="measured",
+    )
+
+
+def _most_agreeing(candidates: list) -> tuple[list, str]:
+    """Of measured candidates (memory, step, value, units, measurement) that gain alike, those whose reply agreement
+    (`planning.agreement`) is within its noise (the standard error of the most agreeing one) of the most agreeing
+    one's, in the same order, and a clause saying so for the stop reason; all of them where any is unmeasured. Only
+    candidates that gain as much as the best are compared: a scheme that learns little keeps the most behaviour."""
+    if any(candidate[4].agreement is None for candidate in candidates):
+        return candidates, ""
+    most = max(candidates, key=lambda candidate: candidate[4].agreement)[4]
+    floor = most.agreement - (most.agreement_se or 0.0)
+    kept = [candidate for candidate in candidates if candidate[4].agreement >= floor]
+    return kept, (
+        f", whose reply agreement with the base model is within noise of the best among those "
+        f"({most.agreement:.2f} +- {most.agreement_se or 0.0:.2f}: {most.label})"
     )
 
 
