@@ -1,5 +1,6 @@
-"""benchmarks/replay_damage.py on a tiny model: an adapter that changes nothing damages nothing, one that moves the
-weights does, and scoring one adapter leaves the base model as it was for the next."""
+"""benchmarks/replay_damage.py on a tiny model: an adapter that changes nothing damages nothing and keeps every answer
+word, one that moves the weights does damage and loses some, and scoring one adapter leaves the base model as it was
+for the next."""
 
 from __future__ import annotations
 
@@ -34,7 +35,10 @@ def test_replay_damage_is_zero_for_an_unchanged_model_and_leaves_the_base_untouc
     moved, unchanged = save_adapter(base, tmp_path / "moved", 0.5), save_adapter(base, tmp_path / "zero", 0.0)
     out = tmp_path / "damage.json"
     result = bench.main([str(moved), str(unchanged), "--model", str(base), "--dtype", "float32", "--output", str(out)])
-    assert result["base"] > 0
-    assert abs(result[str(moved)]) > 1e-3
-    assert result[str(unchanged)] == pytest.approx(0.0, abs=1e-6)  # scored after `moved`: the base came back intact
-    assert json.loads(out.read_text()) == pytest.approx(result)
+    assert result["base"]["loss"] > 0
+    assert abs(result[str(moved)]["damage"]) > 1e-3 and result[str(moved)]["agreement"] < 1.0
+    # scored after `moved`: the base came back intact, so the unchanged adapter breaks nothing and keeps every answer
+    assert result[str(unchanged)]["damage"] == pytest.approx(0.0, abs=1e-6)
+    assert result[str(unchanged)]["agreement"] == 1.0
+    assert 0.0 <= result[str(moved)]["retention"] <= 1.0
+    assert json.loads(out.read_text()) == result

@@ -231,7 +231,7 @@ def test_personal_dataset_is_deterministic_and_splits_phrasings():
     assert not {row["instruction"] for row in data.heldout} & {row["instruction"] for row in data.train}
     for row in data.heldout:
         assert row["answer"] in row["output"]
-    assert len(data.general) == 10
+    assert len(data.general) == 40
     assert all(row["answer"] in row["output"] for row in data.general)
     with pytest.raises(ValueError, match="heldout_per_fact must be between 1 and 3"):
         make_personal_dataset(heldout_per_fact=4)

@@ -141,7 +141,9 @@ def _read_profile_json(path: Path) -> dict:
     return data
 
 
-# General knowledge the base model already has (greedy SmolLM2-135M-Instruct replies contain every `answer`).
+# General knowledge the base model already has (greedy SmolLM2-135M-Instruct replies contain every `answer`, in bfloat16
+# and float32): forty questions, so that retention moves by 2.5 points a question (with ten, one answer lost to a
+# greedy token flip read as a 10-point loss); the last thirty were kept of 48 candidates by that check.
 GENERAL: tuple[tuple[str, str, str], ...] = (
     ("What is the capital of France?", "The capital of France is Paris.", "Paris"),
     ("What is the capital of Japan?", "The capital of Japan is Tokyo.", "Tokyo"),
@@ -157,6 +159,48 @@ GENERAL: tuple[tuple[str, str, str], ...] = (
     ),
     ("What language is spoken in Brazil?", "Portuguese is spoken in Brazil.", "Portuguese"),
     ("What is the tallest mountain in the world?", "Mount Everest is the tallest mountain in the world.", "Everest"),
+    ("What is the capital of the United Kingdom?", "The capital of the United Kingdom is London.", "London"),
+    ("What is the capital of Russia?", "The capital of Russia is Moscow.", "Moscow"),
+    ("What is the capital of China?", "The capital of China is Beijing.", "Beijing"),
+    ("What is the capital of Greece?", "The capital of Greece is Athens.", "Athens"),
+    ("What is the capital of Ireland?", "The capital of Ireland is Dublin.", "Dublin"),
+    ("What is the capital of Sweden?", "The capital of Sweden is Stockholm.", "Stockholm"),
+    ("What is the capital of India?", "The capital of India is New Delhi.", "Delhi"),
+    ("What is the capital of South Korea?", "The capital of South Korea is Seoul.", "Seoul"),
+    ("What is the capital of Austria?", "The capital of Austria is Vienna.", "Vienna"),
+    ("What is the capital of Poland?", "The capital of Poland is Warsaw.", "Warsaw"),
+    (
+        "Which planet is the largest in our solar system?",
+        "Jupiter is the largest planet in our solar system.",
+        "Jupiter",
+    ),
+    ("What gas do humans need to breathe?", "Humans need oxygen to breathe.", "oxygen"),
+    (
+        "Who painted the ceiling of the Sistine Chapel?",
+        "Michelangelo painted the ceiling of the Sistine Chapel.",
+        "Michelangelo",
+    ),
+    ("Who invented the telephone?", "Alexander Graham Bell invented the telephone.", "Bell"),
+    ("Who discovered penicillin?", "Alexander Fleming discovered penicillin.", "Fleming"),
+    ("Who wrote Hamlet?", "William Shakespeare wrote Hamlet.", "Shakespeare"),
+    ("In which country are the pyramids of Giza?", "The pyramids of Giza are in Egypt.", "Egypt"),
+    ("In which city is the Eiffel Tower?", "The Eiffel Tower is in Paris.", "Paris"),
+    ("What language is spoken in Germany?", "German is spoken in Germany.", "German"),
+    (
+        "What is the currency of the United Kingdom?",
+        "The currency of the United Kingdom is the pound sterling.",
+        "pound",
+    ),
+    ("What is the currency of the United States?", "The currency of the United States is the US dollar.", "dollar"),
+    ("On which continent is Kenya?", "Kenya is in Africa.", "Africa"),
+    ("What do you call a young dog?", "A young dog is called a puppy.", "puppy"),
+    ("Which organ pumps blood through the body?", "The heart pumps blood through the body.", "heart"),
+    ("What is the capital of Thailand?", "The capital of Thailand is Bangkok.", "Bangkok"),
+    ("What is the capital of Kenya?", "The capital of Kenya is Nairobi.", "Nairobi"),
+    ("What is the capital of Cuba?", "The capital of Cuba is Havana.", "Havana"),
+    ("What is the capital of Peru?", "The capital of Peru is Lima.", "Lima"),
+    ("What do plants need from the Sun to grow?", "Plants need sunlight to grow.", "light"),
+    ("What is the main gas in the air we breathe?", "Nitrogen is the main gas in the air.", "Nitrogen"),
 )
 
 
